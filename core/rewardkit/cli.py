@@ -1,0 +1,3 @@
+"""The `rewardkit` command."""
+def main() -> None:
+    raise SystemExit("not yet")
