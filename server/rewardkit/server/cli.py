@@ -1,0 +1,62 @@
+"""``rewardkit serve``: start the HTTP server (one uvicorn worker per replica: the model worker owns the device)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+_FLAGS = {  # CLI flag -> Settings field
+    "model": "model", "device": "device", "dtype": "dtype", "host": "host", "port": "port",
+    "max_length": "max_length", "max_batch_tokens": "max_batch_tokens", "max_batch_size": "max_batch_size",
+    "max_wait_ms": "max_wait_ms", "max_queue_items": "max_queue_items", "padding_side": "padding_side",
+    "redis_url": "redis_url", "api_keys_file": "api_keys_file", "state_dir": "state_dir",
+    "reward_token_rule": "reward_token_rule", "grace_period_s": "grace_period_s",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="start the reward server", description=(
+        "Start the reward server. Every flag also reads from REWARDKIT_<NAME> (e.g. REWARDKIT_MODEL). "
+        "With no --model, serves the embedded SmolLM2-135M-Instruct reward model."))
+    p.add_argument("--model", help="HF sequence-classification dir, rewardkit checkpoint, .gguf file, or hub id")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--max-length", type=int, help="max tokens per item (default 2048)")
+    p.add_argument("--max-batch-tokens", type=int, help="padded tokens per batch (default 16384)")
+    p.add_argument("--max-batch-size", type=int, help="items per batch (default 64)")
+    p.add_argument("--max-wait-ms", type=float, help="batching window (default 5 ms)")
+    p.add_argument("--max-queue-items", type=int, help="queue bound before 429 (default 4096)")
+    p.add_argument("--padding-side", choices=["left", "right"])
+    p.add_argument("--reward-token-rule", choices=["transformers", "last_attended"])
+    p.add_argument("--no-truncate", action="store_true", help="reject over-long items with 422 instead of truncating")
+    p.add_argument("--no-prefix-sharing", action="store_true", help="disable shared-prompt KV reuse")
+    p.add_argument("--redis-url", help="redis://host:port/db for shared state across replicas")
+    p.add_argument("--api-keys-file", help="file with one API key per line (or REWARDKIT_API_KEYS)")
+    p.add_argument("--state-dir", help="where R2M heads are kept (default ./rewardkit-state)")
+    p.add_argument("--grace-period-s", type=float, help="SIGTERM drain time (default 30)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rewardkit.server.app import create_app
+    from rewardkit.server.settings import Settings
+
+    overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
+    if args.no_truncate:
+        overrides["truncate"] = False
+    if args.no_prefix_sharing:
+        overrides["prefix_sharing"] = False
+    settings = Settings(**overrides)
+    if not settings.is_loopback() and not settings.api_keys:
+        log.warning("!!! binding %s beyond loopback WITHOUT API keys: anyone who can reach this port can use the "
+                    "server. Set REWARDKIT_API_KEYS or --api-keys-file. !!!", settings.host)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), workers=1,
+                timeout_graceful_shutdown=int(settings.grace_period_s) or None)
+    return 0

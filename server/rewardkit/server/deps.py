@@ -1,0 +1,67 @@
+"""Typed FastAPI dependencies: the service, API-key checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+from typing import Any
+
+from fastapi import Request
+
+from rewardkit.server.errors import NotReady, Unauthorized
+from rewardkit.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class AppState:
+    """Everything the app owns, hung on ``app.state.rk`` (no module-level state)."""
+
+    settings: Settings
+    service: Any = None  # RewardService once the model is loaded
+    shutting_down: bool = False
+    load_error: str | None = None
+    metrics: Any = None
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.rk  # type: ignore[no-any-return]
+
+
+def get_service(request: Request) -> Any:
+    st = app_state(request)
+    if st.shutting_down:
+        raise NotReady("server is shutting down; retry on another replica", retry_after=5.0)
+    if st.service is None:
+        msg = f"model failed to load: {st.load_error}" if st.load_error else "model is loading"
+        raise NotReady(msg, retry_after=5.0)
+    return st.service
+
+
+def check_key(keys: list[bytes], header: str | None) -> bool:
+    """Constant-time comparison against every configured key (no early exit on the first match)."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    given = header[len("Bearer "):].strip().encode()
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(given, k)
+    return ok
+
+
+def require_api_key(request: Request) -> None:
+    st = app_state(request)
+    keys = st.settings.key_values()
+    if not keys:
+        return
+    if not check_key(keys, request.headers.get("authorization")):
+        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+
+def require_metrics_key(request: Request) -> None:
+    st = app_state(request)
+    if st.settings.metrics_require_auth:
+        require_api_key(request)

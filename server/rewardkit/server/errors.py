@@ -1,0 +1,125 @@
+"""Server exceptions and their mapping to HTTP: one JSON error schema everywhere.
+
+Hierarchy (all carry ``type``, ``message``, ``field``)::
+
+    ServerError (500, internal)
+    ├── BadRequest (400/422, invalid_request)      includes core InputError
+    ├── PayloadTooLarge (413)
+    ├── Unauthorized (401)
+    ├── NotFound (404)
+    ├── Overloaded (429, Retry-After)
+    └── NotReady (503, Retry-After)
+
+Bare ``ValueError`` is NOT mapped to 400: an unexpected exception is our bug and answers 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rewardkit.core.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(Exception):
+    status = 500
+    type = "internal"
+
+    def __init__(self, message: str, field: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+
+class BadRequest(ServerError):
+    status = 422
+    type = "invalid_request"
+
+
+class PayloadTooLarge(ServerError):
+    status = 413
+    type = "payload_too_large"
+
+
+class Unauthorized(ServerError):
+    status = 401
+    type = "unauthorized"
+
+
+class NotFound(ServerError):
+    status = 404
+    type = "not_found"
+
+
+class Overloaded(ServerError):
+    status = 429
+    type = "overloaded"
+
+
+class NotReady(ServerError):
+    status = 503
+    type = "not_ready"
+
+
+def error_body(type_: str, message: str, field: str | None = None) -> dict[str, dict[str, str | None]]:
+    return {"error": {"type": type_, "message": message, "field": field}}
+
+
+def error_response(exc: ServerError) -> JSONResponse:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(error_body(exc.type, exc.message, exc.field), status_code=exc.status, headers=headers)
+
+
+def _loc_to_field(loc: tuple[object, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if p in ("body", "query", "path") and not parts:
+            continue
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServerError)
+    async def _server_error(_: Request, exc: ServerError) -> JSONResponse:
+        if exc.status >= 500 and exc.status != 503:
+            log.error("internal error: %s", exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(InputError)
+    async def _input_error(_: Request, exc: InputError) -> JSONResponse:
+        return error_response(BadRequest(exc.message, exc.field))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": ("body",), "msg": "invalid request"}
+        field = _loc_to_field(tuple(first.get("loc", ("body",))))
+        msg = f"{field}: {first.get('msg', 'invalid')}"
+        if len(errs) > 1:
+            msg += f" (and {len(errs) - 1} more errors)"
+        return JSONResponse(error_body("invalid_request", msg, field), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                 415: "unsupported_media_type"}.get(exc.status_code, "invalid_request")
+        return JSONResponse(error_body(type_, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal", "internal server error"), status_code=500)

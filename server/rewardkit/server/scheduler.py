@@ -1,0 +1,222 @@
+"""Async dynamic batcher: items from concurrent requests -> token-budget batches -> one model worker thread.
+
+- Every item of a request is queued at once (or the whole request is refused with 429: nothing half-accepted).
+- The batcher waits at most ``max_wait_s`` after the first pending item to let a batch fill, then picks the oldest
+  item and grows the batch around it in length order (so similar lengths share a batch and padding stays small)
+  within ``max_batch_tokens`` padded tokens and ``max_batch_size`` items.
+- One worker thread owns the device; the event loop never runs the model.
+- Items whose request was cancelled (client gone) or whose deadline passed are dropped before the model.
+- If a batch raises, its items are retried one by one so a failing item fails only its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")  # what the model worker receives per item
+R = TypeVar("R")  # what it returns per item
+
+
+class QueueFull(Exception):
+    """The bounded queue cannot take the request."""
+
+
+class DeadlineExceeded(Exception):
+    """The item waited longer than its request's deadline."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job(Generic[P]):
+    payload: P
+    num_tokens: int
+    future: asyncio.Future[Any]
+    enqueued: float
+    deadline: float
+
+
+@dataclasses.dataclass
+class BatchStats:
+    size: int
+    tokens: int
+    padded_tokens: int
+    queue_wait_s: list[float]
+    seconds: float
+
+
+def select_batch(lengths: Sequence[int], ages: Sequence[float], max_tokens: int, max_size: int) -> list[int]:
+    """Pick indices for one batch: the oldest item plus neighbours in length order, under the padded-token budget.
+
+    ``ages``: enqueue times (smaller = older). Returns indices into ``lengths``. Always returns at least one index.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], ages[i]))
+    oldest = min(range(len(lengths)), key=lambda i: ages[i])
+    pos = order.index(oldest)
+    lo = hi = pos
+    width = lengths[oldest]
+    while hi - lo + 1 < max_size:
+        n = hi - lo + 1
+        cand: list[tuple[int, int, int]] = []  # (padding waste, new lo, new hi)
+        if lo > 0 and width * (n + 1) <= max_tokens:
+            cand.append((width - lengths[order[lo - 1]], lo - 1, hi))
+        if hi + 1 < len(order):
+            w2 = lengths[order[hi + 1]]
+            if w2 * (n + 1) <= max_tokens:
+                cand.append(((w2 - width) * n, lo, hi + 1))
+        if not cand:
+            break
+        _, lo, hi = min(cand)
+        width = max(width, lengths[order[hi]])
+    return [order[k] for k in range(lo, hi + 1)]
+
+
+class Scheduler(Generic[P, R]):
+    """Batches jobs across requests and runs ``batch_fn`` on a single worker thread."""
+
+    def __init__(self, batch_fn: Callable[[list[P]], list[R]], *, max_batch_tokens: int, max_batch_size: int,
+                 max_wait_s: float, max_queue_items: int,
+                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        self._batch_fn = batch_fn
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_items = max_queue_items
+        self._on_batch = on_batch
+        self._pending: list[Job[P]] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardkit-model")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.in_flight = 0  # items handed to the worker and not yet answered
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="rewardkit-batcher")
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop after everything queued has been answered (or ``drain_timeout`` passed)."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=drain_timeout)
+            except TimeoutError:
+                self._task.cancel()
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(QueueFull("server shutting down"))
+        self._pending.clear()
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+    def submit(self, payloads: Sequence[P], lengths: Sequence[int], timeout_s: float) -> list[asyncio.Future[R]]:
+        """Queue all items of one request atomically; raise QueueFull if they do not fit."""
+        if self._closing:
+            raise QueueFull("server is shutting down")
+        if len(self._pending) + len(payloads) > self.max_queue_items:
+            raise QueueFull(f"queue holds {len(self._pending)} items; max_queue_items={self.max_queue_items}")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futs: list[asyncio.Future[R]] = []
+        for p, n in zip(payloads, lengths, strict=True):
+            fut: asyncio.Future[R] = loop.create_future()
+            self._pending.append(Job(p, n, fut, now, now + timeout_s))
+            futs.append(fut)
+        self._wakeup.set()
+        return futs
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        alive: list[Job[P]] = []
+        for job in self._pending:
+            if job.future.done():  # cancelled: the client went away
+                continue
+            if now > job.deadline:
+                job.future.set_exception(DeadlineExceeded("request deadline passed while queued"))
+                continue
+            alive.append(job)
+        self._pending = alive
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            oldest = min(j.enqueued for j in self._pending)
+            wait = oldest + self.max_wait_s - time.monotonic()
+            if wait > 0 and not self._closing and self._budget_left():
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+                except TimeoutError:
+                    pass
+                continue
+            self._drop_dead()
+            if not self._pending:
+                continue
+            idx = select_batch([j.num_tokens for j in self._pending], [j.enqueued for j in self._pending],
+                               self.max_batch_tokens, self.max_batch_size)
+            chosen = set(idx)
+            batch = [self._pending[i] for i in sorted(idx, key=lambda i: self._pending[i].num_tokens)]
+            self._pending = [j for k, j in enumerate(self._pending) if k not in chosen]
+            self.in_flight += len(batch)
+            try:
+                await self._run(loop, batch)
+            finally:
+                self.in_flight -= len(batch)
+
+    def _budget_left(self) -> bool:
+        """True while the pending items do not yet fill one batch (worth waiting for more)."""
+        if len(self._pending) >= self.max_batch_size:
+            return False
+        return sum(j.num_tokens for j in self._pending) < self.max_batch_tokens
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Job[P]]) -> None:
+        t0 = time.monotonic()
+        try:
+            results = await loop.run_in_executor(self._executor, self._batch_fn, [j.payload for j in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch_fn returned {len(results)} results for {len(batch)} items")
+            pairs: list[tuple[Job[P], R | BaseException]] = list(zip(batch, results, strict=True))
+        except Exception as exc:  # isolate the failing item: retry one by one
+            if len(batch) == 1:
+                pairs = [(batch[0], exc)]
+            else:
+                log.warning("batch of %d failed (%s); retrying items one by one", len(batch), exc)
+                pairs = []
+                for job in batch:
+                    try:
+                        res = await loop.run_in_executor(self._executor, self._batch_fn, [job.payload])
+                        pairs.append((job, res[0]))
+                    except Exception as one_exc:
+                        pairs.append((job, one_exc))
+        seconds = time.monotonic() - t0
+        for job, res in pairs:
+            if job.future.done():
+                continue
+            if isinstance(res, BaseException):
+                job.future.set_exception(res)
+            else:
+                job.future.set_result(res)
+        if self._on_batch is not None:
+            width = max(j.num_tokens for j in batch)
+            try:
+                self._on_batch(BatchStats(size=len(batch), tokens=sum(j.num_tokens for j in batch),
+                                          padded_tokens=width * len(batch),
+                                          queue_wait_s=[t0 - j.enqueued for j in batch], seconds=seconds))
+            except Exception:  # metrics must never break serving
+                log.exception("on_batch hook failed")

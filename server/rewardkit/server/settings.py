@@ -1,0 +1,87 @@
+"""Server configuration: one pydantic-settings object, env vars ``REWARDKIT_*``, CLI flags map onto it."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Defaults are safe for a single-host RL run."""
+
+    model_config = SettingsConfigDict(env_prefix="REWARDKIT_", extra="ignore")
+
+    # model
+    model: str | None = Field(None, description="reward model: HF dir, rewardkit checkpoint, .gguf, hub id; None = embedded default")
+    device: str = Field("auto", description="auto (CUDA+bf16 if available, else CPU fp32), cpu, cuda, cuda:N")
+    dtype: str | None = Field(None, description="float32, bfloat16, float16; default by device")
+    trust_remote_code: bool = Field(False, description="only if you trust the model's code")
+    reward_token_rule: Literal["transformers", "last_attended"] | None = None
+    padding_side: Literal["left", "right"] = "right"
+    # formatting
+    max_length: int = Field(2048, ge=8, le=1_000_000, description="max tokens per item after formatting")
+    truncate: bool = Field(True, description="truncate over-long items from the left (prompt first); off: 422")
+    # batching
+    max_batch_tokens: int = Field(16384, ge=64, description="padded tokens per model batch")
+    max_batch_size: int = Field(64, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the batcher waits to fill a batch")
+    max_queue_items: int = Field(4096, ge=1, description="items waiting for the model before 429")
+    prefix_sharing: bool = Field(True, description="compute a prompt shared by several items once (KV cache)")
+    # limits on what clients control
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_items_per_request: int = Field(1024, ge=1)
+    max_chars_per_item: int = Field(400_000, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0, description="deadline of a request in the queue")
+    # http
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[SecretStr] = Field(default_factory=list, description="bearer keys (env: JSON list)")
+    api_keys_file: Path | None = Field(None, description="file with one API key per line")
+    metrics_require_auth: bool = False
+    grace_period_s: float = Field(30.0, ge=0)
+    log_level: str = "INFO"
+    # shared state
+    redis_url: str | None = None
+    cache_ttl_s: int = Field(3600, ge=0)
+    state_dir: Path = Field(Path("./rewardkit-state"), description="R2M heads and other server state")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.api_keys_file is not None:
+            if not self.api_keys_file.is_file():
+                raise ValueError(f"api_keys_file {self.api_keys_file} does not exist")
+            extra = [line.strip() for line in self.api_keys_file.read_text().splitlines() if line.strip()
+                     and not line.startswith("#")]
+            self.api_keys = [*self.api_keys, *(SecretStr(k) for k in extra)]
+        for k in self.api_keys:
+            if len(k.get_secret_value()) < 8:
+                raise ValueError("api keys must be at least 8 characters")
+        if self.max_batch_tokens < self.max_length:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_length ({self.max_length}) "
+                             "or a single long item could never be scheduled")
+        return self
+
+    def key_values(self) -> list[bytes]:
+        return [k.get_secret_value().encode() for k in self.api_keys]
+
+    def is_loopback(self) -> bool:
+        if self.host in ("localhost",):
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
