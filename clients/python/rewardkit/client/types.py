@@ -1,0 +1,117 @@
+"""Data types returned by the rewardkit client, and the pydantic models that read server responses.
+
+The response models are lenient about extra fields (a newer server may add some) and strict about the
+ones the client relies on; a violation becomes :class:`~rewardkit.client.errors.ResponseFormatError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+from rewardkit.client.errors import ResponseFormatError
+
+__all__ = ["DenseReward", "ModelInfo"]
+
+
+@dataclass(eq=False)
+class DenseReward:
+    """Scalar reward plus its token-level (ABC) redistribution for one item.
+
+    Attributes:
+        reward: the scalar reward of the whole response.
+        token_rewards: ``(n,)`` float32; with ``beta=1`` they sum to ``reward`` (ABC credit).
+        tokens: the reward model's tokens of the response, or ``None`` when the rewards were
+            projected onto caller-given ``response_token_spans``.
+        spans: ``(n, 2)`` int64 character offsets ``[start, end)`` of each entry inside the response.
+
+    Example::
+
+        >>> d = client.score_dense(prompts=["2+2?"], responses=["4"])[0]
+        >>> d.token_rewards.shape == (len(d.spans),)
+        True
+    """
+
+    reward: float
+    token_rewards: np.ndarray
+    tokens: list[str] | None = None
+    spans: np.ndarray = field(default_factory=lambda: np.empty((0, 2), dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.token_rewards.shape[0])
+
+
+class ModelInfo(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    id: str
+    head_version: str | None = None
+    trained: bool | None = None
+    description: str | None = None
+    max_length: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    reward_token_rule: str | None = None
+
+
+class _ModelList(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    data: list[ModelInfo]
+
+
+class _DenseResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    token_rewards: str | list[float]
+    dtype: str = "float32"
+    tokens: list[str] | None = None
+    spans: list[list[int]] | None = None
+    beta: float | None = None
+
+
+class _RewardResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    index: int
+    reward: float
+    num_tokens: int | None = None
+    truncated: bool = False
+    dense: _DenseResult | None = None
+
+
+class _RewardsResponse(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str | None = None
+    head_version: str | None = None
+    rewards: list[float]
+    results: list[_RewardResult] | None = None
+    usage: dict[str, Any] | None = None
+
+
+def decode_float32(value: str | list[float], what: str = "token_rewards") -> np.ndarray:
+    """Decode a dense vector: base64 of little-endian float32, or a JSON list of floats.
+
+    Returns a writable, native-endian ``float32`` array (a copy, never a view of the wire bytes).
+
+    Example::
+
+        >>> decode_float32(base64.b64encode(np.float32([1.5, -2]).tobytes()).decode())
+        array([ 1.5, -2. ], dtype=float32)
+    """
+    if isinstance(value, list):
+        return np.asarray(value, dtype=np.float32)
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ResponseFormatError(f"{what}: not valid base64 ({exc})") from exc
+    if len(raw) % 4:
+        raise ResponseFormatError(f"{what}: {len(raw)} bytes is not a whole number of float32 values")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
