@@ -48,9 +48,19 @@ def rewards_body(payload: dict[str, Any]) -> dict[str, Any]:
         if payload.get("dense"):
             vec, tokens, spans = fake_token_rewards(item)
             enc = payload.get("encoding_format", "base64")
-            tr: Any = base64.b64encode(vec.astype("<f4").tobytes()).decode() if enc == "base64" else vec.tolist()
-            dense = {"token_rewards": tr, "dtype": "float32", "tokens": tokens, "spans": spans, "beta": payload["beta"]}
-        results.append({"index": i, "reward": fake_reward(item), "num_tokens": 3, "truncated": False, "dense": dense})
+            tr: Any = (
+                base64.b64encode(vec.astype("<f4").tobytes()).decode() if enc == "base64" else vec.tolist()
+            )
+            dense = {
+                "token_rewards": tr,
+                "dtype": "float32",
+                "tokens": tokens,
+                "spans": spans,
+                "beta": payload["beta"],
+            }
+        results.append(
+            {"index": i, "reward": fake_reward(item), "num_tokens": 3, "truncated": False, "dense": dense}
+        )
     return {
         "model": "fake-rm",
         "head_version": "base",
@@ -93,7 +103,9 @@ class FakeServer:
         if path == "/v1/rewards" and request.method == "POST":
             return httpx.Response(200, json=rewards_body(json.loads(request.content)))
         if path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "fake-rm", "head_version": "base"}]})
+            return httpx.Response(
+                200, json={"object": "list", "data": [{"id": "fake-rm", "head_version": "base"}]}
+            )
         if path == "/health":
             return httpx.Response(200, json={"status": "ok"})
         if path == "/ready":

@@ -12,7 +12,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from rewardkit.client import (
     AsyncRewardClient,
     AuthenticationError,
@@ -73,7 +72,9 @@ def test_messages_texts_and_items_request_shapes(server: FakeServer) -> None:
 
 def test_dense_request_shape_and_spans(server: FakeServer) -> None:
     with make(server) as rk:
-        rk.score_dense(prompts=["p", "q"], responses=["ab", "c"], beta=0.5, response_token_spans=[[[0, 2]], None])
+        rk.score_dense(
+            prompts=["p", "q"], responses=["ab", "c"], beta=0.5, response_token_spans=[[[0, 2]], None]
+        )
     (body,) = server.bodies()
     assert body["dense"] is True and body["beta"] == 0.5 and body["encoding_format"] == "base64"
     assert body["items"] == [
@@ -109,7 +110,11 @@ def test_empty_input_sends_nothing(server: FakeServer) -> None:
         ({}, TypeError, "exactly one"),
         ({"texts": ["a"], "messages": [[{"role": "user", "content": "a"}]]}, TypeError, "exactly one"),
         ({"prompts": ["a"]}, TypeError, "together"),
-        ({"prompts": ["a", "b"], "responses": ["a"]}, ValueError, r"lengths differ \(2 prompts, 1 responses\)"),
+        (
+            {"prompts": ["a", "b"], "responses": ["a"]},
+            ValueError,
+            r"lengths differ \(2 prompts, 1 responses\)",
+        ),
         ({"texts": "abc"}, TypeError, "texts: expected a list"),
         ({"texts": ["a", 3]}, TypeError, r"texts\[1\]"),
         ({"items": [{"text": "a"}, {"prompt": "p"}]}, ValueError, r"items\[1\]: expected keys"),
@@ -151,7 +156,12 @@ def test_invalid_construction(kwargs, match) -> None:
 
 def test_default_timeouts_are_bounded() -> None:
     rk = RewardClient(URL)
-    assert (rk.timeout.connect, rk.timeout.read, rk.timeout.write, rk.timeout.pool) == (5.0, 120.0, 120.0, 120.0)
+    assert (rk.timeout.connect, rk.timeout.read, rk.timeout.write, rk.timeout.pool) == (
+        5.0,
+        120.0,
+        120.0,
+        120.0,
+    )
     assert RewardClient(URL, timeout=2).timeout.read == 2
     rk.close()
 
@@ -298,7 +308,9 @@ def test_retry_after_beyond_max_retry_wait_gives_up_at_once() -> None:
 
 
 def test_backoff_full_jitter_is_bounded() -> None:
-    rk = _BaseRewardClient(URL, backoff_base=0.5, backoff_max=4.0, seed=3, max_retries=100, max_retry_wait=1e9)
+    rk = _BaseRewardClient(
+        URL, backoff_base=0.5, backoff_max=4.0, seed=3, max_retries=100, max_retry_wait=1e9
+    )
     from rewardkit.client._base import _RetryState
 
     state = _RetryState()
@@ -375,7 +387,9 @@ def test_all_urls_down_raises_transport_error_after_retries() -> None:
     servers = [FakeServer([httpx.ConnectError("refused")] * 20) for _ in range(2)]
     mounts = {f"http://{k}:8000": httpx.MockTransport(s) for k, s in zip("ab", servers, strict=True)}
     with (
-        RewardClient(list(mounts), http_client=httpx.Client(mounts=mounts), max_retries=3, backoff_base=0.001) as rk,
+        RewardClient(
+            list(mounts), http_client=httpx.Client(mounts=mounts), max_retries=3, backoff_base=0.001
+        ) as rk,
         pytest.raises(TransportError, match="refused") as info,
     ):
         rk.score(texts=["a"])
@@ -398,7 +412,9 @@ def test_dense_base64_decoding(server: FakeServer) -> None:
 
 def test_dense_projected_on_policy_spans(server: FakeServer) -> None:
     with make(server) as rk:
-        d1, d2 = rk.score_dense(texts=["abcdef", "xy"], response_token_spans=[[[0, 2], [2, 6]], [[0, 1], [1, 2]]])
+        d1, d2 = rk.score_dense(
+            texts=["abcdef", "xy"], response_token_spans=[[[0, 2], [2, 6]], [[0, 1], [1, 2]]]
+        )
     assert d1.tokens is None and d1.spans.tolist() == [[0, 2], [2, 6]]
     np.testing.assert_array_equal(d1.token_rewards, np.float32([0.5, 1.0]))
     np.testing.assert_array_equal(d2.token_rewards, np.float32([0.25, 0.25]))
@@ -427,7 +443,10 @@ def test_dense_split_keeps_order(server: FakeServer) -> None:
     ("mutate", "match"),
     [
         (lambda b: b["results"][0]["dense"].update(token_rewards="***"), "not valid base64"),
-        (lambda b: b["results"][0]["dense"].update(token_rewards=base64.b64encode(b"abcde").decode()), "float32"),
+        (
+            lambda b: b["results"][0]["dense"].update(token_rewards=base64.b64encode(b"abcde").decode()),
+            "float32",
+        ),
         (lambda b: b["results"][0]["dense"].update(spans=[[0, 1]]), "token rewards but 1 spans"),
         (lambda b: b["results"][0].update(dense=None), "dense is missing"),
         (lambda b: b["rewards"].append(1.0), "sent 1 items, got 2 rewards"),
@@ -440,7 +459,10 @@ def test_malformed_responses_raise_response_format_error(mutate, match) -> None:
         mutate(body)
         return httpx.Response(200, json=body)
 
-    with RewardClient(URL, transport=httpx.MockTransport(handler)) as rk, pytest.raises(ResponseFormatError, match=match):
+    with (
+        RewardClient(URL, transport=httpx.MockTransport(handler)) as rk,
+        pytest.raises(ResponseFormatError, match=match),
+    ):
         rk.score_dense(texts=["abc"])
 
 
@@ -514,7 +536,10 @@ def test_async_client_methods(server: FakeServer) -> None:
 
 def test_async_retry_after_and_no_retry_on_500() -> None:
     server = FakeServer(
-        [error_response(429, "overloaded", "full", retry_after="0.1"), error_response(500, "internal", "boom")]
+        [
+            error_response(429, "overloaded", "full", retry_after="0.1"),
+            error_response(500, "internal", "boom"),
+        ]
     )
 
     async def main() -> float:
