@@ -43,12 +43,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rewardkit.core.errors import InputError, ModelLoadError
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
-
-from rewardkit.core.errors import InputError, ModelLoadError
 
 __all__ = [
     "HEAD_FORMAT",
@@ -84,7 +83,9 @@ class R2MConfig:
     total_rounds: int = field(default=1000, metadata={"help": "Planned RL rounds T of the cosine schedule."})
     # -- online update
     alpha: float = field(default=0.3, metadata={"help": "Weight of GRE in GREBT: (1-alpha) BT + alpha GRE."})
-    lr: float = field(default=1e-6, metadata={"help": "Learning rate (paper: 1e-6 dialogue, 5e-7 summaries)."})
+    lr: float = field(
+        default=1e-6, metadata={"help": "Learning rate (paper: 1e-6 dialogue, 5e-7 summaries)."}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the head."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; <= 0 disables."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the normal init of W_q, W_k, W_v."})
@@ -150,7 +151,9 @@ class R2MHead(nn.Module):
     def from_scalar_head(cls, score: nn.Linear, cfg: R2MConfig) -> R2MHead:
         """Build a head whose phi is an exact copy of the RM's scalar head ``score`` (D_rm -> 1)."""
         if score.out_features != 1:
-            raise ValueError(f"score head must have out_features=1 (a scalar reward), got {score.out_features}")
+            raise ValueError(
+                f"score head must have out_features=1 (a scalar reward), got {score.out_features}"
+            )
         if score.in_features != cfg.d_rm:
             raise ValueError(f"score head has in_features={score.in_features} but R2MConfig.d_rm={cfg.d_rm}")
         head = cls(cfg, phi_bias=score.bias is not None)
@@ -167,7 +170,8 @@ class R2MHead(nn.Module):
             raise InputError(f"h_last must be (B, {cfg.d_rm}), got {tuple(h_last.shape)}", "h_last")
         if hidden.ndim != 3 or hidden.shape[2] != cfg.d_policy:
             raise InputError(
-                f"policy hidden states must be (B, S, {cfg.d_policy}), got {tuple(hidden.shape)}", "policy_hidden"
+                f"policy hidden states must be (B, S, {cfg.d_policy}), got {tuple(hidden.shape)}",
+                "policy_hidden",
             )
         if hidden.shape[0] != h_last.shape[0] or tuple(mask.shape) != tuple(hidden.shape[:2]):
             raise InputError(
@@ -178,16 +182,22 @@ class R2MHead(nn.Module):
         if not bool(mask.any(dim=1).all()):
             raise InputError("every item needs at least one unmasked position", "mask")
 
-    def aggregate(self, h_last: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """H_agg = softmax(q k^T / sqrt(d)) v W_o, (B, D_rm). Masked positions get weight exactly 0."""
+    def attention(self, h_last: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention weights softmax(q k^T / sqrt(d)) of the reward token over the policy positions,
+        (B, S); masked positions get weight exactly 0."""
         dt = self.w_q.weight.dtype
-        hidden = hidden.to(dt)
         keep = mask.to(torch.bool)  # (B, S)
         q = self.w_q(h_last.to(dt))  # (B, d)
-        k = self.w_k(hidden)  # (B, S, d)
-        v = self.w_v(hidden).masked_fill(~keep[:, :, None], 0.0)  # (B, S, d); padded values cannot leak
+        k = self.w_k(hidden.to(dt))  # (B, S, d)
         scores = torch.einsum("bd,bsd->bs", q, k) / math.sqrt(self.cfg.d_attn)  # (B, S)
-        attn = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1)  # (B, S)
+        return scores.masked_fill(~keep, float("-inf")).softmax(dim=-1)  # (B, S)
+
+    def aggregate(self, h_last: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """H_agg = softmax(q k^T / sqrt(d)) v W_o, (B, D_rm)."""
+        keep = mask.to(torch.bool)  # (B, S)
+        attn = self.attention(h_last, hidden, keep)  # (B, S)
+        v = self.w_v(hidden.to(self.w_v.weight.dtype))  # (B, S, d)
+        v = v.masked_fill(~keep[:, :, None], 0.0)  # padded values cannot leak (0 * inf would be NaN)
         ctx = torch.einsum("bs,bsd->bd", attn, v)  # (B, d)
         return self.w_o(ctx)  # (B, D_rm)
 
@@ -258,13 +268,15 @@ def grebt_loss(
         raise InputError(f"rewards must be (B,), got {tuple(rewards.shape)}", "rewards")
     labels = rewards.detach() if scores_for_labels is None else scores_for_labels.detach()
     if labels.shape != rewards.shape:
-        raise InputError(f"scores_for_labels must be {tuple(rewards.shape)}, got {tuple(labels.shape)}", "scores")
+        raise InputError(
+            f"scores_for_labels must be {tuple(rewards.shape)}, got {tuple(labels.shape)}", "scores"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     groups = _group_indices(group_ids, rewards.shape[0])
     bt_terms: list[torch.Tensor] = []
     gre_terms: list[torch.Tensor] = []
-    margins: list[float] = []
+    diffs: list[torch.Tensor] = []
     for _, idx_list in groups:
         idx = torch.tensor(idx_list, device=rewards.device)  # (K,)
         r = rewards[idx]  # (K,)
@@ -273,7 +285,7 @@ def grebt_loss(
         if s[win] > s[lose]:
             diff = r[win] - r[lose]
             bt_terms.append(-F.logsigmoid(diff))
-            margins.append(float(diff.detach()))
+            diffs.append(diff.detach())
         z = (r - r.mean()) / (r.std(unbiased=False) + eps)  # (K,) standardised within the group
         gre_terms.append(-(z.softmax(-1) * z.log_softmax(-1)).sum())
     bt = torch.stack(bt_terms).mean() if bt_terms else rewards.sum() * 0.0
@@ -284,7 +296,7 @@ def grebt_loss(
         "gre": float(gre.detach()),
         "n_groups": float(len(groups)),
         "n_tied": float(len(groups) - len(bt_terms)),
-        "margin": sum(margins) / len(margins) if margins else 0.0,
+        "margin": float(torch.stack(diffs).mean()) if diffs else 0.0,
     }
     return loss, stats
 
@@ -324,7 +336,9 @@ def r2m_update_step(
     for g in optimizer.param_groups:
         for p in g["params"]:
             if id(p) not in own:
-                raise ValueError("optimizer holds parameters outside the R2M head; build it with make_optimizer(head)")
+                raise ValueError(
+                    "optimizer holds parameters outside the R2M head; build it with make_optimizer(head)"
+                )
     a = head.cfg.alpha if alpha is None else alpha
     head.train()
     rewards = head(batch.h_last.detach(), batch.policy_hidden.detach(), batch.mask, w=w)  # (B,)
@@ -419,7 +433,9 @@ def read_head_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def load_head(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> tuple[R2MHead, dict[str, Any]]:
+def load_head(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> tuple[R2MHead, dict[str, Any]]:
     """Load a head written by ``save_head``; returns (head, metadata). Never unpickles."""
     meta = read_head_metadata(path)
     try:
