@@ -12,7 +12,7 @@ Example::
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.observe_request("/v1/score", 200, 0.012)
+    metrics.observe_request("/v1/rewards", 200, 0.012)
     body, content_type = metrics.render()
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from prometheus_client import (
@@ -61,6 +61,20 @@ class _DriftLike(Protocol):
     reference_pinned: bool
     mean_current: float | None
     std_current: float | None
+
+
+class _BatchStatsLike(Protocol):
+    """What `observe_batch_stats` reads (rewardkit.server.scheduler.BatchStats has these fields)."""
+
+    size: int
+    tokens: int
+    padded_tokens: int
+    queue_wait_s: list[float]
+    seconds: float
+
+
+class _ScoreLike(Protocol):
+    reward: float
 
 
 class Metrics:
@@ -249,6 +263,12 @@ class Metrics:
         self.tokens_scored_total.inc(tokens)
         self.inference_duration_seconds.observe(seconds)
 
+    def observe_batch_stats(self, stats: _BatchStatsLike) -> None:
+        """Record a scheduler `BatchStats`: the batch (`observe_batch`) and each item's queue wait."""
+        self.observe_batch(stats.size, stats.tokens, stats.padded_tokens, stats.seconds)
+        for wait in stats.queue_wait_s:
+            self.queue_wait_seconds.observe(wait)
+
     # -- rewards ---------------------------------------------------------------------------
 
     def observe_rewards(self, model: str, head_version: int | str, rewards: Iterable[float]) -> None:
@@ -273,6 +293,21 @@ class Metrics:
                 bad += 1
         if bad:
             self.rewards_nonfinite_total.labels(model=model).inc(bad)
+
+    def observe_scores(
+        self,
+        model: str,
+        head_version: int | str,
+        encs: Sequence[object],
+        scores: Sequence[_ScoreLike],
+        seconds: float | None = None,
+    ) -> None:
+        """Record the rewards of a scored request (the serving layer's call).
+
+        Only ``score.reward`` is read. `encs` and `seconds` are accepted so the serving layer
+        can pass what it has; request latency is recorded by `observe_request`.
+        """
+        self.observe_rewards(model, head_version, [score.reward for score in scores])
 
     def _track_head_version(self, model: str, version: str) -> None:
         with self._lock:

@@ -26,9 +26,9 @@ def metrics(reg: CollectorRegistry) -> Metrics:
 def test_two_instances_do_not_collide_and_global_registry_untouched() -> None:
     before = {f.name for f in REGISTRY.collect()}
     a, b = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
-    a.observe_request("/v1/score", 200, 0.1)
+    a.observe_request("/v1/rewards", 200, 0.1)
     assert (
-        b.registry.get_sample_value("rewardkit_requests_total", {"endpoint": "/v1/score", "status": "200"})
+        b.registry.get_sample_value("rewardkit_requests_total", {"endpoint": "/v1/rewards", "status": "200"})
         is None
     )
     assert not any(n.startswith("rewardkit") for n in {f.name for f in REGISTRY.collect()} - before)
@@ -46,15 +46,15 @@ def test_all_names_prefixed_and_units_in_time_names(reg: CollectorRegistry, metr
 
 
 def test_observe_request(reg: CollectorRegistry, metrics: Metrics) -> None:
-    metrics.observe_request("/v1/score", 200, 0.02)
-    metrics.observe_request("/v1/score", 200, 0.2)
-    metrics.observe_request("/v1/score", 503, 3.0)
+    metrics.observe_request("/v1/rewards", 200, 0.02)
+    metrics.observe_request("/v1/rewards", 200, 0.2)
+    metrics.observe_request("/v1/rewards", 503, 3.0)
     get = reg.get_sample_value
-    assert get("rewardkit_requests_total", {"endpoint": "/v1/score", "status": "200"}) == 2.0
-    assert get("rewardkit_requests_total", {"endpoint": "/v1/score", "status": "503"}) == 1.0
-    assert get("rewardkit_request_duration_seconds_count", {"endpoint": "/v1/score"}) == 3.0
-    assert get("rewardkit_request_duration_seconds_sum", {"endpoint": "/v1/score"}) == pytest.approx(3.22)
-    assert get("rewardkit_request_duration_seconds_bucket", {"endpoint": "/v1/score", "le": "0.025"}) == 1.0
+    assert get("rewardkit_requests_total", {"endpoint": "/v1/rewards", "status": "200"}) == 2.0
+    assert get("rewardkit_requests_total", {"endpoint": "/v1/rewards", "status": "503"}) == 1.0
+    assert get("rewardkit_request_duration_seconds_count", {"endpoint": "/v1/rewards"}) == 3.0
+    assert get("rewardkit_request_duration_seconds_sum", {"endpoint": "/v1/rewards"}) == pytest.approx(3.22)
+    assert get("rewardkit_request_duration_seconds_bucket", {"endpoint": "/v1/rewards", "le": "0.025"}) == 1.0
 
 
 def test_queue(reg: CollectorRegistry, metrics: Metrics) -> None:
@@ -80,6 +80,27 @@ def test_observe_batch(reg: CollectorRegistry, metrics: Metrics) -> None:
     assert get("rewardkit_inference_duration_seconds_sum") == pytest.approx(0.05)
     with pytest.raises(ValueError, match="padded_tokens"):
         metrics.observe_batch(size=1, tokens=10, padded_tokens=5, seconds=0.1)
+
+
+def test_observe_batch_stats_from_the_real_scheduler_type(reg: CollectorRegistry, metrics: Metrics) -> None:
+    scheduler = pytest.importorskip("rewardkit.server.scheduler", reason="scheduler module not importable")
+    stats = scheduler.BatchStats(
+        size=3, tokens=90, padded_tokens=120, queue_wait_s=[0.001, 0.002, 0.5], seconds=0.04
+    )
+    metrics.observe_batch_stats(stats)
+    get = reg.get_sample_value
+    assert get("rewardkit_batch_size_sum") == 3.0
+    assert get("rewardkit_batch_padding_fraction_sum") == pytest.approx(0.25)
+    assert get("rewardkit_queue_wait_seconds_count") == 3.0
+    assert get("rewardkit_queue_wait_seconds_bucket", {"le": "0.0025"}) == 2.0
+    assert get("rewardkit_inference_duration_seconds_sum") == pytest.approx(0.04)
+
+
+def test_observe_scores_reads_rewards(reg: CollectorRegistry, metrics: Metrics) -> None:
+    scoring = pytest.importorskip("rewardkit.core.scoring", reason="core scoring module not importable")
+    scores = [scoring.ItemScore(reward=r, num_tokens=5, truncated=False, raw_reward=r) for r in (0.1, -0.3)]
+    metrics.observe_scores("rm", 2, [None, None], scores, 0.01)
+    assert reg.get_sample_value("rewardkit_reward_count", {"model": "rm", "head_version": "2"}) == 2.0
 
 
 def test_observe_rewards(reg: CollectorRegistry, metrics: Metrics) -> None:
@@ -169,7 +190,7 @@ def test_caches(reg: CollectorRegistry, metrics: Metrics) -> None:
 
 
 def test_render_parses(metrics: Metrics) -> None:
-    metrics.observe_request("/v1/score", 200, 0.01)
+    metrics.observe_request("/v1/rewards", 200, 0.01)
     metrics.observe_rewards("rm", 1, [0.3])
     metrics.observe_r2m_update("rm", loss=float("nan"), head_version=1)
     body, content_type = metrics.render()
@@ -180,7 +201,7 @@ def test_render_parses(metrics: Metrics) -> None:
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
     }
-    assert samples[("rewardkit_requests_total", (("endpoint", "/v1/score"), ("status", "200")))] == 1.0
+    assert samples[("rewardkit_requests_total", (("endpoint", "/v1/rewards"), ("status", "200")))] == 1.0
     assert math.isnan(samples[("rewardkit_r2m_loss", (("model", "rm"),))])
 
 
@@ -194,7 +215,7 @@ def test_concurrent_helpers(reg: CollectorRegistry, metrics: Metrics) -> None:
     def worker(i: int) -> None:
         for v in range(200):
             metrics.observe_rewards("rm", v % 4, [0.0])
-            metrics.observe_request("/v1/score", 200, 0.001)
+            metrics.observe_request("/v1/rewards", 200, 0.001)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
@@ -202,5 +223,6 @@ def test_concurrent_helpers(reg: CollectorRegistry, metrics: Metrics) -> None:
     for t in threads:
         t.join()
     assert (
-        reg.get_sample_value("rewardkit_requests_total", {"endpoint": "/v1/score", "status": "200"}) == 800.0
+        reg.get_sample_value("rewardkit_requests_total", {"endpoint": "/v1/rewards", "status": "200"})
+        == 800.0
     )
