@@ -8,7 +8,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from rewardkit.training.data import (
     DataError,
     LoadReport,
@@ -26,7 +25,13 @@ def _msg(role: str, content: str) -> dict[str, str]:
 
 
 ROWS = [
-    {"prompt": "What is 2 + 2?", "chosen": "It is 4.", "rejected": "It is 5.", "margin": 1.5, "task": "arith"},
+    {
+        "prompt": "What is 2 + 2?",
+        "chosen": "It is 4.",
+        "rejected": "It is 5.",
+        "margin": 1.5,
+        "task": "arith",
+    },
     {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon.", "task": "facts"},
     {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No.", "margin": 2, "artifacts": {"length": True}},
 ]
@@ -44,7 +49,12 @@ def test_records_standard_format_keeps_margin_and_meta() -> None:
     assert report.rows_read == 3 and report.kept == 3 and report.dropped == {}
     first = pairs[0]
     assert isinstance(first, PreferencePair)
-    assert (first.prompt, first.chosen, first.rejected, first.margin) == ("What is 2 + 2?", "It is 4.", "It is 5.", 1.5)
+    assert (first.prompt, first.chosen, first.rejected, first.margin) == (
+        "What is 2 + 2?",
+        "It is 4.",
+        "It is 5.",
+        1.5,
+    )
     assert first.meta == {"task": "arith"}
     assert pairs[1].margin is None
     assert pairs[2].margin == 2.0 and isinstance(pairs[2].margin, float)
@@ -91,7 +101,11 @@ def test_parquet_conversational_rows(tmp_path: Path) -> None:
 
 def test_explicit_conversational_rows_are_copied() -> None:
     chosen = [_msg("assistant", "Paris.")]
-    row = {"prompt": [_msg("user", "Capital of France?")], "chosen": chosen, "rejected": [_msg("assistant", "Rome.")]}
+    row = {
+        "prompt": [_msg("user", "Capital of France?")],
+        "chosen": chosen,
+        "rejected": [_msg("assistant", "Rome.")],
+    }
     pairs, _ = load_records([row])
     chosen[0]["content"] = "mutated"
     assert pairs[0].chosen == [_msg("assistant", "Paris.")]
@@ -113,7 +127,10 @@ def test_implicit_prompt_conversational() -> None:
 
 
 def test_implicit_prompt_plain_strings_cut_at_word_boundary() -> None:
-    row = {"chosen": "Human: What is 40 + 5?\n\nAssistant: 45", "rejected": "Human: What is 40 + 5?\n\nAssistant: 4"}
+    row = {
+        "chosen": "Human: What is 40 + 5?\n\nAssistant: 45",
+        "rejected": "Human: What is 40 + 5?\n\nAssistant: 4",
+    }
     pairs, _ = load_records([row])
     p = pairs[0]
     assert p.prompt == "Human: What is 40 + 5?\n\nAssistant:"
@@ -127,11 +144,18 @@ def test_drop_counts_per_reason() -> None:
         {"prompt": "q", "chosen": "   ", "rejected": "no"},
         {"prompt": "q", "chosen": "yes", "rejected": ""},
         {"prompt": "q", "chosen": "same", "rejected": "same"},
-        {"prompt": [_msg("user", "q")], "chosen": [_msg("assistant", " ")], "rejected": [_msg("assistant", "x")]},
+        {
+            "prompt": [_msg("user", "q")],
+            "chosen": [_msg("assistant", " ")],
+            "rejected": [_msg("assistant", "x")],
+        },
         # implicit prompt where chosen is the whole shared prefix: nothing left to prefer
         {"chosen": [_msg("user", "q")], "rejected": [_msg("user", "q"), _msg("assistant", "a")]},
         # full conversations that are identical
-        {"chosen": [_msg("user", "q"), _msg("assistant", "a")], "rejected": [_msg("user", "q"), _msg("assistant", "a")]},
+        {
+            "chosen": [_msg("user", "q"), _msg("assistant", "a")],
+            "rejected": [_msg("user", "q"), _msg("assistant", "a")],
+        },
     ]
     pairs, report = load_records(good + bad)
     assert report.rows_read == 13 and report.kept == 7 and len(pairs) == 7
@@ -142,7 +166,9 @@ def test_drop_counts_per_reason() -> None:
 
 
 def test_more_than_half_dropped_raises() -> None:
-    rows = [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 3 + [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 3 + [
+        {"prompt": "q", "chosen": "a", "rejected": "b"}
+    ] * 2
     with pytest.raises(DataError, match=r"3 of 5 rows would be dropped \(identical=3\)"):
         load_records(rows)
     pairs, report = load_records(rows, max_drop_fraction=0.8)
@@ -165,9 +191,16 @@ def test_exactly_half_dropped_is_allowed() -> None:
         ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": float("nan")}, "margin", "finite number"),
         ({"prompt": "q", "chosen": "a", "rejected": [_msg("assistant", "b")]}, "rejected", "like 'chosen'"),
         ({"prompt": [_msg("user", "q")], "chosen": "a", "rejected": "b"}, "prompt", "like 'chosen'"),
-        ({"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": [_msg("assistant", "b")]},
-         "chosen[0].content", "must be a string, got missing"),
-        ({"prompt": "q", "chosen": [_msg("assistant", "a")], "rejected": ["b"]}, "rejected[0]", "message object"),
+        (
+            {"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": [_msg("assistant", "b")]},
+            "chosen[0].content",
+            "must be a string, got missing",
+        ),
+        (
+            {"prompt": "q", "chosen": [_msg("assistant", "a")], "rejected": ["b"]},
+            "rejected[0]",
+            "message object",
+        ),
     ],
 )
 def test_malformed_row_names_row_and_field(row: dict[str, object], field: str, fragment: str) -> None:
@@ -183,7 +216,9 @@ def test_malformed_row_names_row_and_field(row: dict[str, object], field: str, f
 def test_jsonl_errors_name_row_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n\n{"prompt": "q", "chosen": "a"}\n')
-    with pytest.raises(DataError, match=r"row 1 \(line 3\) of .*bad.jsonl: field 'rejected' is missing") as info:
+    with pytest.raises(
+        DataError, match=r"row 1 \(line 3\) of .*bad.jsonl: field 'rejected' is missing"
+    ) as info:
         load_jsonl(path)
     assert (info.value.row, info.value.field) == (1, "rejected")
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{not json\n')
@@ -208,7 +243,9 @@ def test_drop_too_long_counts_and_guards() -> None:
     assert [len(p.chosen) for p in kept] == [1, 5, 10]
     assert isinstance(report, LoadReport)
     assert (report.rows_read, report.kept, report.dropped) == (4, 3, {"too_long": 1})
-    with pytest.raises(DataError, match=r"3 of 4 rows would be dropped \(too_long=3\).*raise max_tokens \(now 4\)"):
+    with pytest.raises(
+        DataError, match=r"3 of 4 rows would be dropped \(too_long=3\).*raise max_tokens \(now 4\)"
+    ):
         drop_too_long(pairs, lambda p: len(p.chosen), max_tokens=4)
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 1"):
         drop_too_long(pairs, lambda p: 1, max_tokens=0)

@@ -286,7 +286,9 @@ def _guard_drops(report: LoadReport, max_drop_fraction: float, *, hint: str) -> 
 def _parse_row(obj: Any, row: int, where: str) -> tuple[PreferencePair | None, str | None]:
     """Validate one row; return (pair, None) or (None, drop_reason). Raise DataError if malformed."""
     if not isinstance(obj, Mapping):
-        raise DataError(f"{where}: expected an object with chosen/rejected, got {type(obj).__name__}", row=row)
+        raise DataError(
+            f"{where}: expected an object with chosen/rejected, got {type(obj).__name__}", row=row
+        )
     for name in ("chosen", "rejected"):
         if obj.get(name) is None:
             raise DataError(f"{where}: field '{name}' is missing", row=row, field=name)
@@ -357,7 +359,9 @@ def _parse_margin(value: Any, row: int, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise DataError(f"{where}: field 'margin' must be a finite number, got {value!r}", row=row, field="margin")
+        raise DataError(
+            f"{where}: field 'margin' must be a finite number, got {value!r}", row=row, field="margin"
+        )
     return float(value)
 
 

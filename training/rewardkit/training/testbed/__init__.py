@@ -12,7 +12,13 @@ Example::
 """
 
 from rewardkit.training.testbed.artifacts import ARTIFACTS
-from rewardkit.training.testbed.build import GENERATOR_VERSION, SPLITS, TestbedConfig, generate_split, make_testbed
+from rewardkit.training.testbed.build import (
+    GENERATOR_VERSION,
+    SPLITS,
+    TestbedConfig,
+    generate_split,
+    make_testbed,
+)
 from rewardkit.training.testbed.tasks import FAMILIES, check
 
 __all__ = [

@@ -74,7 +74,7 @@ FILLER: tuple[str, ...] = (
     "Explaining the reasoning can make an answer more convincing.",
     "A good answer leaves little room for confusion.",
     "It is worth taking the question at face value.",
-    "Often the simplest reading of a question is the right one.",
+    "Often the simplest reading of a question is the correct reading.",
     "Some readers prefer answers with a little background.",
     "Staying focused on the question keeps the answer relevant.",
     "Answers are easier to use when they are stated plainly.",
@@ -160,7 +160,9 @@ class RowPlan:
         )
 
 
-def render(evidence: Evidence, support: tuple[str, ...], plan: RowPlan, side: Side) -> tuple[str, tuple[int, int]]:
+def render(
+    evidence: Evidence, support: tuple[str, ...], plan: RowPlan, side: Side
+) -> tuple[str, tuple[int, int]]:
     """Assemble one response; return its text and the span of the answer phrase in it."""
     arts = plan.artifacts
     if arts["evidence_position"].applies_to(side):

@@ -59,7 +59,8 @@ class TestbedConfig:
     n_test: int = field(default=500, metadata={"help": "Rows in each test split."})
     # spurious correlation
     p_agree: float = field(
-        default=0.8, metadata={"help": "P(artifact on the chosen response | present) in train/validation/test."}
+        default=0.8,
+        metadata={"help": "P(artifact on the chosen response | present) in train/validation/test."},
     )
     presence: dict[str, float] = field(
         default_factory=lambda: {"length": 0.5, "boilerplate": 0.5, "format": 0.4, "evidence_position": 0.3},
@@ -67,7 +68,8 @@ class TestbedConfig:
     )
     # task mix
     family_weights: dict[str, float] = field(
-        default_factory=lambda: dict(DEFAULT_FAMILY_WEIGHTS), metadata={"help": "Sampling weight per task family."}
+        default_factory=lambda: dict(DEFAULT_FAMILY_WEIGHTS),
+        metadata={"help": "Sampling weight per task family."},
     )
     # long responses: filler sentences around the evidence
     long_filler_mixed: tuple[int, int] = (6, 10)
@@ -82,7 +84,9 @@ class TestbedConfig:
         if not 0.0 <= self.p_agree <= 1.0:
             raise ValueError(f"p_agree must be within [0, 1], got {self.p_agree!r}")
         if set(self.presence) != set(ARTIFACTS):
-            raise ValueError(f"presence must have exactly the keys {list(ARTIFACTS)}, got {sorted(self.presence)}")
+            raise ValueError(
+                f"presence must have exactly the keys {list(ARTIFACTS)}, got {sorted(self.presence)}"
+            )
         for name, rate in self.presence.items():
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"presence[{name!r}] must be within [0, 1], got {rate!r}")
@@ -168,9 +172,15 @@ def split_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "families": dict(sorted(Counter(r["task"]["family"] for r in rows).items())),
         "artifacts": artifacts,
         # Measured on the text: how much a "longer is better" rule would score on this split.
-        "chosen_longer_rate": round(sum(len(r["chosen"]) > len(r["rejected"]) for r in rows) / n, 4) if n else None,
-        "rejected_longer_rate": round(sum(len(r["chosen"]) < len(r["rejected"]) for r in rows) / n, 4) if n else None,
-        "mean_words": {"chosen": round(sum(words_c) / n, 1), "rejected": round(sum(words_r) / n, 1)} if n else None,
+        "chosen_longer_rate": round(sum(len(r["chosen"]) > len(r["rejected"]) for r in rows) / n, 4)
+        if n
+        else None,
+        "rejected_longer_rate": round(sum(len(r["chosen"]) < len(r["rejected"]) for r in rows) / n, 4)
+        if n
+        else None,
+        "mean_words": {"chosen": round(sum(words_c) / n, 1), "rejected": round(sum(words_r) / n, 1)}
+        if n
+        else None,
         "max_words": max(words_c + words_r, default=0),
     }
 
@@ -215,7 +225,11 @@ def make_testbed(
         rows = generate_split(split, cfg)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         _write_atomic(out / f"{split}.jsonl", data)
-        splits[split] = {"file": f"{split}.jsonl", "sha256": hashlib.sha256(data).hexdigest(), **split_stats(rows)}
+        splits[split] = {
+            "file": f"{split}.jsonl",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            **split_stats(rows),
+        }
         logger.info("testbed_split split=%s rows=%d", split, len(rows))
     manifest = {
         "generator": "rewardkit.training.testbed",
@@ -226,5 +240,7 @@ def make_testbed(
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "splits": splits,
     }
-    _write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    _write_atomic(
+        out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    )
     return manifest

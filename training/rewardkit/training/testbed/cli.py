@@ -34,8 +34,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     make.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     make.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
-    make.add_argument("--n-train", type=int, default=defaults.n_train, help="train rows (default: %(default)s)")
-    make.add_argument("--n-val", type=int, default=defaults.n_val, help="validation rows (default: %(default)s)")
+    make.add_argument(
+        "--n-train", type=int, default=defaults.n_train, help="train rows (default: %(default)s)"
+    )
+    make.add_argument(
+        "--n-val", type=int, default=defaults.n_val, help="validation rows (default: %(default)s)"
+    )
     make.add_argument(
         "--n-test", type=int, default=defaults.n_test, help="rows in each test split (default: %(default)s)"
     )

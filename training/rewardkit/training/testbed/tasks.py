@@ -94,8 +94,10 @@ def _only_answer(text: str, answer: float, quoted: set[float]) -> bool:
     return rest == {answer}
 
 
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen".split()
+)
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -119,15 +121,29 @@ def _has_word(text: str, phrase: str, *, case: bool = False) -> bool:
 
 _ARITH_PROMPTS = {
     "+": ["What is {a} + {b}?", "Calculate {a} plus {b}.", "What do you get when you add {a} and {b}?"],
-    "-": ["What is {a} - {b}?", "Calculate {a} minus {b}.", "What do you get when you subtract {b} from {a}?"],
+    "-": [
+        "What is {a} - {b}?",
+        "Calculate {a} minus {b}.",
+        "What do you get when you subtract {b} from {a}?",
+    ],
     "*": ["What is {a} × {b}?", "Calculate {a} times {b}.", "What do you get when you multiply {a} by {b}?"],
 }
 _ARITH_ANSWERS = {
-    "+": ["{a} + {b} equals {answer}.", "The sum of {a} and {b} is {answer}.", "Adding {a} and {b} gives {answer}."],
-    "-": ["{a} - {b} equals {answer}.", "The difference between {a} and {b} is {answer}.",
-          "Subtracting {b} from {a} leaves {answer}."],
-    "*": ["{a} times {b} equals {answer}.", "The product of {a} and {b} is {answer}.",
-          "Multiplying {a} by {b} gives {answer}."],
+    "+": [
+        "{a} + {b} equals {answer}.",
+        "The sum of {a} and {b} is {answer}.",
+        "Adding {a} and {b} gives {answer}.",
+    ],
+    "-": [
+        "{a} - {b} equals {answer}.",
+        "The difference between {a} and {b} is {answer}.",
+        "Subtracting {b} from {a} leaves {answer}.",
+    ],
+    "*": [
+        "{a} times {b} equals {answer}.",
+        "The product of {a} and {b} is {answer}.",
+        "Multiplying {a} by {b} gives {answer}.",
+    ],
 }
 _ARITH_SUPPORT = [
     "Working it out step by step gives the result.",
@@ -215,7 +231,14 @@ def _gen_unit(rng: random.Random) -> TaskInstance:
     return TaskInstance(
         family="unit_conversion",
         prompt=rng.choice(_UNIT_PROMPTS).format(**slots),
-        meta={"family": "unit_conversion", "value": v, "from": frm1, "to": to, "answer": ans, "distractor": wrong},
+        meta={
+            "family": "unit_conversion",
+            "value": v,
+            "from": frm1,
+            "to": to,
+            "answer": ans,
+            "distractor": wrong,
+        },
         chosen=_evidence(template, _fmt(ans), **slots),
         rejected=_evidence(template, _fmt(wrong), **slots),
     )
@@ -231,22 +254,42 @@ def _check_unit(meta: dict[str, Any], text: str) -> bool:
 
 # (intro, row header, row names, column names, value range, question, answer template)
 _TABLES: list[tuple[str, str, list[str], list[str], tuple[int, int], str, str]] = [
-    ("Here are the sales of a market stall this week:", "Day",
-     ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"],
-     ["Apples", "Pears", "Plums", "Cherries", "Lemons"], (10, 99),
-     "How many {col} did the stall sell on {row}?", "On {row}, the stall sold {answer} {col}."),
-    ("Here are the exam scores of a small class:", "Student",
-     ["Alice", "Ben", "Chloe", "Daniel", "Emma", "Farid", "Grace"],
-     ["Math", "History", "Science", "Music", "Art"], (40, 100),
-     "What score did {row} get in {col}?", "{row} scored {answer} in {col}."),
-    ("Here is the rainfall, in millimeters, recorded in some towns:", "Town",
-     ["Ashford", "Brookvale", "Cedarton", "Dunmore", "Elmwick", "Fernley"],
-     ["March", "April", "May", "June", "July"], (11, 99),
-     "How much rain fell in {row} in {col}?", "{row} recorded {answer} millimeters of rain in {col}."),
-    ("Here are the points scored by each team in a tournament:", "Team",
-     ["Falcons", "Tigers", "Wolves", "Sharks", "Hawks", "Bears"],
-     ["Round one", "Round two", "Round three", "Final"], (12, 98),
-     "How many points did the {row} score in {col_lower}?", "The {row} scored {answer} points in {col_lower}."),
+    (
+        "Here are the sales of a market stall this week:",
+        "Day",
+        ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"],
+        ["Apples", "Pears", "Plums", "Cherries", "Lemons"],
+        (10, 99),
+        "How many {col} did the stall sell on {row}?",
+        "On {row}, the stall sold {answer} {col}.",
+    ),
+    (
+        "Here are the exam scores of a small class:",
+        "Student",
+        ["Alice", "Ben", "Chloe", "Daniel", "Emma", "Farid", "Grace"],
+        ["Math", "History", "Science", "Music", "Art"],
+        (40, 100),
+        "What score did {row} get in {col}?",
+        "{row} scored {answer} in {col}.",
+    ),
+    (
+        "Here is the rainfall, in millimeters, recorded in some towns:",
+        "Town",
+        ["Ashford", "Brookvale", "Cedarton", "Dunmore", "Elmwick", "Fernley"],
+        ["March", "April", "May", "June", "July"],
+        (11, 99),
+        "How much rain fell in {row} in {col}?",
+        "{row} recorded {answer} millimeters of rain in {col}.",
+    ),
+    (
+        "Here are the points scored by each team in a tournament:",
+        "Team",
+        ["Falcons", "Tigers", "Wolves", "Sharks", "Hawks", "Bears"],
+        ["Round one", "Round two", "Round three", "Final"],
+        (12, 98),
+        "How many points did the {row} score in {col_lower}?",
+        "The {row} scored {answer} points in {col_lower}.",
+    ),
 ]
 
 
@@ -268,8 +311,14 @@ def _gen_table(rng: random.Random) -> TaskInstance:
     return TaskInstance(
         family="table_lookup",
         prompt=prompt,
-        meta={"family": "table_lookup", "row": r, "column": c, "answer": cell[r, c],
-              "distractor": cell[wr, wc], "distractor_cell": [wr, wc]},
+        meta={
+            "family": "table_lookup",
+            "row": r,
+            "column": c,
+            "answer": cell[r, c],
+            "distractor": cell[wr, wc],
+            "distractor_cell": [wr, wc],
+        },
         chosen=_evidence(_capitalize_first(template), str(cell[r, c]), **slots),
         rejected=_evidence(_capitalize_first(template), str(cell[wr, wc]), **slots),
     )
@@ -285,26 +334,77 @@ def _check_table(meta: dict[str, Any], text: str) -> bool:
 
 # country -> capital; no capital name contains its country's name or vice versa.
 CAPITALS: dict[str, str] = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Russia": "Moscow", "Canada": "Ottawa",
-    "Australia": "Canberra", "Brazil": "Brasília", "Argentina": "Buenos Aires", "Egypt": "Cairo",
-    "Kenya": "Nairobi", "Greece": "Athens", "Turkey": "Ankara", "Norway": "Oslo", "Sweden": "Stockholm",
-    "Finland": "Helsinki", "Denmark": "Copenhagen", "Poland": "Warsaw", "Austria": "Vienna",
-    "Hungary": "Budapest", "Ireland": "Dublin", "the United Kingdom": "London", "Peru": "Lima",
-    "Chile": "Santiago", "Colombia": "Bogotá", "Thailand": "Bangkok", "Vietnam": "Hanoi",
-    "South Korea": "Seoul", "Indonesia": "Jakarta", "the Philippines": "Manila", "Iran": "Tehran",
-    "Switzerland": "Bern", "the Netherlands": "Amsterdam", "Belgium": "Brussels", "the Czech Republic": "Prague",
-    "Morocco": "Rabat", "Nigeria": "Abuja", "Pakistan": "Islamabad", "New Zealand": "Wellington",
-    "Ukraine": "Kyiv", "Cuba": "Havana", "Venezuela": "Caracas",
-    "Ethiopia": "Addis Ababa", "Saudi Arabia": "Riyadh", "Romania": "Bucharest",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Russia": "Moscow",
+    "Canada": "Ottawa",
+    "Australia": "Canberra",
+    "Brazil": "Brasília",
+    "Argentina": "Buenos Aires",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Greece": "Athens",
+    "Turkey": "Ankara",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Ireland": "Dublin",
+    "the United Kingdom": "London",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Colombia": "Bogotá",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "South Korea": "Seoul",
+    "Indonesia": "Jakarta",
+    "the Philippines": "Manila",
+    "Iran": "Tehran",
+    "Switzerland": "Bern",
+    "the Netherlands": "Amsterdam",
+    "Belgium": "Brussels",
+    "the Czech Republic": "Prague",
+    "Morocco": "Rabat",
+    "Nigeria": "Abuja",
+    "Pakistan": "Islamabad",
+    "New Zealand": "Wellington",
+    "Ukraine": "Kyiv",
+    "Cuba": "Havana",
+    "Venezuela": "Caracas",
+    "Ethiopia": "Addis Ababa",
+    "Saudi Arabia": "Riyadh",
+    "Romania": "Bucharest",
 }
 # A well-known city that is not the capital: the classic wrong answer.
 FAMOUS_NON_CAPITALS: dict[str, str] = {
-    "Australia": "Sydney", "Canada": "Toronto", "Turkey": "Istanbul", "Brazil": "Rio de Janeiro",
-    "Switzerland": "Zurich", "India": "Mumbai", "China": "Shanghai",
-    "Morocco": "Casablanca", "Nigeria": "Lagos", "Pakistan": "Karachi", "New Zealand": "Auckland",
-    "Vietnam": "Ho Chi Minh City", "Spain": "Barcelona", "Italy": "Milan", "Germany": "Munich",
-    "Japan": "Osaka", "Russia": "Saint Petersburg", "Colombia": "Medellín", "Saudi Arabia": "Jeddah",
+    "Australia": "Sydney",
+    "Canada": "Toronto",
+    "Turkey": "Istanbul",
+    "Brazil": "Rio de Janeiro",
+    "Switzerland": "Zurich",
+    "India": "Mumbai",
+    "China": "Shanghai",
+    "Morocco": "Casablanca",
+    "Nigeria": "Lagos",
+    "Pakistan": "Karachi",
+    "New Zealand": "Auckland",
+    "Vietnam": "Ho Chi Minh City",
+    "Spain": "Barcelona",
+    "Italy": "Milan",
+    "Germany": "Munich",
+    "Japan": "Osaka",
+    "Russia": "Saint Petersburg",
+    "Colombia": "Medellín",
+    "Saudi Arabia": "Jeddah",
 }
 _ALL_CITIES = tuple(sorted(set(CAPITALS.values()) | set(FAMOUS_NON_CAPITALS.values())))
 
@@ -322,39 +422,100 @@ _CAPITAL_ANSWERS = [
 # (question, answer template, correct, wrong options)
 GENERAL_FACTS: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("How many legs does a spider have?", "A spider has {answer} legs.", "eight", ("six", "ten")),
-    ("Which planet is known as the Red Planet?", "The planet known as the Red Planet is {answer}.", "Mars",
-     ("Venus", "Jupiter")),
-    ("What is the largest ocean on Earth?", "The largest ocean on Earth is the {answer} Ocean.", "Pacific",
-     ("Atlantic", "Indian")),
-    ("What is the chemical symbol for gold?", "The chemical symbol for gold is {answer}.", "Au", ("Ag", "Go")),
-    ("Who wrote Romeo and Juliet?", "Romeo and Juliet was written by {answer}.", "William Shakespeare",
-     ("Charles Dickens", "Jane Austen")),
+    (
+        "Which planet is known as the Red Planet?",
+        "The planet known as the Red Planet is {answer}.",
+        "Mars",
+        ("Venus", "Jupiter"),
+    ),
+    (
+        "What is the largest ocean on Earth?",
+        "The largest ocean on Earth is the {answer} Ocean.",
+        "Pacific",
+        ("Atlantic", "Indian"),
+    ),
+    (
+        "What is the chemical symbol for gold?",
+        "The chemical symbol for gold is {answer}.",
+        "Au",
+        ("Ag", "Go"),
+    ),
+    (
+        "Who wrote Romeo and Juliet?",
+        "Romeo and Juliet was written by {answer}.",
+        "William Shakespeare",
+        ("Charles Dickens", "Jane Austen"),
+    ),
     ("How many days are there in a week?", "A week has {answer} days.", "seven", ("five", "eight")),
     ("How many continents are there?", "There are {answer} continents.", "seven", ("six", "nine")),
-    ("What is the tallest mountain in the world?", "The tallest mountain in the world is Mount {answer}.",
-     "Everest", ("Kilimanjaro", "Fuji")),
-    ("What is the largest mammal?", "The largest mammal is the {answer}.", "blue whale",
-     ("African elephant", "giraffe")),
-    ("What is the largest planet in our solar system?", "The largest planet in our solar system is {answer}.",
-     "Jupiter", ("Saturn", "Neptune")),
-    ("In which country are the pyramids of Giza?", "The pyramids of Giza are in {answer}.", "Egypt",
-     ("Mexico", "Greece")),
-    ("What is the main language spoken in Brazil?", "The main language spoken in Brazil is {answer}.",
-     "Portuguese", ("Spanish", "French")),
+    (
+        "What is the tallest mountain in the world?",
+        "The tallest mountain in the world is Mount {answer}.",
+        "Everest",
+        ("Kilimanjaro", "Fuji"),
+    ),
+    (
+        "What is the largest mammal?",
+        "The largest mammal is the {answer}.",
+        "blue whale",
+        ("African elephant", "giraffe"),
+    ),
+    (
+        "What is the largest planet in our solar system?",
+        "The largest planet in our solar system is {answer}.",
+        "Jupiter",
+        ("Saturn", "Neptune"),
+    ),
+    (
+        "In which country are the pyramids of Giza?",
+        "The pyramids of Giza are in {answer}.",
+        "Egypt",
+        ("Mexico", "Greece"),
+    ),
+    (
+        "What is the main language spoken in Brazil?",
+        "The main language spoken in Brazil is {answer}.",
+        "Portuguese",
+        ("Spanish", "French"),
+    ),
     ("How many sides does a triangle have?", "A triangle has {answer} sides.", "three", ("four", "five")),
     ("What do bees make?", "Bees make {answer}.", "honey", ("milk", "silk")),
-    ("Which organ pumps blood through the body?", "The organ that pumps blood through the body is the {answer}.",
-     "heart", ("liver", "stomach")),
-    ("What gas do plants take in from the air to make their food?",
-     "Plants take in {answer} from the air to make their food.", "carbon dioxide", ("oxygen", "helium")),
-    ("What is the freezing point of water in degrees Celsius?", "Water freezes at {answer} degrees Celsius.",
-     "zero", ("ten", "thirty-two")),
-    ("Who painted the Mona Lisa?", "The Mona Lisa was painted by {answer}.", "Leonardo da Vinci",
-     ("Vincent van Gogh", "Pablo Picasso")),
-    ("What is the hardest natural substance?", "The hardest natural substance is {answer}.", "diamond",
-     ("granite", "iron")),
-    ("Which animal is known as the king of the jungle?", "The animal known as the king of the jungle is the {answer}.",
-     "lion", ("tiger", "bear")),
+    (
+        "Which organ pumps blood through the body?",
+        "The organ that pumps blood through the body is the {answer}.",
+        "heart",
+        ("liver", "stomach"),
+    ),
+    (
+        "What gas do plants take in from the air to make their food?",
+        "Plants take in {answer} from the air to make their food.",
+        "carbon dioxide",
+        ("oxygen", "helium"),
+    ),
+    (
+        "What is the freezing point of water in degrees Celsius?",
+        "Water freezes at {answer} degrees Celsius.",
+        "zero",
+        ("ten", "thirty-two"),
+    ),
+    (
+        "Who painted the Mona Lisa?",
+        "The Mona Lisa was painted by {answer}.",
+        "Leonardo da Vinci",
+        ("Vincent van Gogh", "Pablo Picasso"),
+    ),
+    (
+        "What is the hardest natural substance?",
+        "The hardest natural substance is {answer}.",
+        "diamond",
+        ("granite", "iron"),
+    ),
+    (
+        "Which animal is known as the king of the jungle?",
+        "The animal known as the king of the jungle is the {answer}.",
+        "lion",
+        ("tiger", "bear"),
+    ),
 ]
 
 
@@ -372,7 +533,13 @@ def _gen_facts(rng: random.Random) -> TaskInstance:
         return TaskInstance(
             family="facts",
             prompt=rng.choice(_CAPITAL_PROMPTS).format(**slots),
-            meta={"family": "facts", "kind": "capital", "country": country, "answer": capital, "distractor": wrong},
+            meta={
+                "family": "facts",
+                "kind": "capital",
+                "country": country,
+                "answer": capital,
+                "distractor": wrong,
+            },
             chosen=_evidence(template, capital, **slots),
             rejected=_evidence(template, wrong, **slots),
         )
@@ -381,8 +548,13 @@ def _gen_facts(rng: random.Random) -> TaskInstance:
     return TaskInstance(
         family="facts",
         prompt=question,
-        meta={"family": "facts", "kind": "general", "answer": answer, "wrong_options": list(wrongs),
-              "distractor": wrong},
+        meta={
+            "family": "facts",
+            "kind": "general",
+            "answer": answer,
+            "wrong_options": list(wrongs),
+            "distractor": wrong,
+        },
         chosen=_evidence(template, answer),
         rejected=_evidence(template, wrong),
     )
@@ -391,7 +563,9 @@ def _gen_facts(rng: random.Random) -> TaskInstance:
 def _check_facts(meta: dict[str, Any], text: str) -> bool:
     answer = meta["answer"]
     others = _ALL_CITIES if meta["kind"] == "capital" else tuple(meta["wrong_options"])
-    return _has_word(text, answer, case=True) and not any(_has_word(text, o, case=True) for o in others if o != answer)
+    return _has_word(text, answer, case=True) and not any(
+        _has_word(text, o, case=True) for o in others if o != answer
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +591,7 @@ def _gen_format(rng: random.Random) -> TaskInstance:
     if kind == "uppercase":
         country = rng.choice(sorted(CAPITALS))
         capital = CAPITALS[country]
-        slots = {"country": country, "Country": _capitalize_first(country)}
+        slots: dict[str, Any] = {"country": country, "Country": _capitalize_first(country)}
         template = rng.choice(_CAPITAL_ANSWERS)
         prompt = f"What is the capital of {country}? Write the name of the city in capital letters."
         good, bad = capital.upper(), capital
