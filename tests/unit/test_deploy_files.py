@@ -241,3 +241,94 @@ def test_metrics_doc_lists_every_metric(known_metrics: set[str]) -> None:
     expected = {name + "_total" if name + "_total" in known_metrics else name for name in families}
     assert expected <= mentioned, f"undocumented metrics: {expected - mentioned}"
     assert mentioned <= known_metrics, f"docs mention unknown metrics: {mentioned - known_metrics}"
+
+
+# --------------------------------------------------------------------------- real Prometheus
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_real_prometheus_scrapes_metrics_and_evaluates_rule_queries(tmp_path: Path) -> None:
+    """Metrics.render() output is ingested by a real Prometheus and the alert expressions evaluate."""
+    import time
+    import urllib.parse
+    import urllib.request
+
+    from prometheus_client import start_http_server
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        _promtool()  # same skip/fail policy as promtool
+        pytest.skip("prometheus binary not found")
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.observe_request("/v1/rewards", 200, 0.01)
+    metrics.set_queue_depth(10, capacity=100)
+    metrics.observe_r2m_update("rm", loss=float("nan"), head_version=3)
+    from rewardkit.server.drift import DriftMonitor
+
+    monitor = DriftMonitor(window=200, reference_size=200)
+    monitor.observe([float(i) for i in range(200)], [i for i in range(200)])
+    monitor.observe([float(i) + 500 for i in range(200)], [i for i in range(200)])
+    metrics.update_drift("rm", monitor.snapshot())
+
+    app_port, prom_port = _free_port(), _free_port()
+    server, thread = start_http_server(app_port, addr="127.0.0.1", registry=registry)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{PROM_DIR / 'alerts.rules.yml'}]\n"
+        "scrape_configs:\n"
+        f"  - {{job_name: rewardkit, static_configs: [{{targets: ['127.0.0.1:{app_port}']}}]}}\n"
+    )
+    proc = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    try:
+        deadline = time.monotonic() + 30
+        result: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            try:
+                result = query("rewardkit_drift_psi")
+            except OSError:
+                result = []
+            if result:
+                break
+            time.sleep(0.5)
+        assert result, "Prometheus never scraped rewardkit_drift_psi"
+        assert float(result[0]["value"][1]) > 0.25
+        assert result[0]["metric"]["model"] == "rm"
+        # The NaN loss arrives as NaN and the alert expression selects it.
+        assert query("rewardkit_r2m_loss != rewardkit_r2m_loss or abs(rewardkit_r2m_loss) == +Inf")
+        assert float(
+            query("rewardkit_queue_depth / rewardkit_queue_capacity")[0]["value"][1]
+        ) == pytest.approx(0.1)
+        assert float(query('rewardkit_requests_total{status="200"}')[0]["value"][1]) == 1.0
+        rules = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/rules", timeout=5).read()
+        )
+        loaded = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
+        assert {"RewardDriftPSIHigh", "R2MLossNotFinite"} <= loaded
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
