@@ -116,7 +116,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                  415: "unsupported_media_type"}.get(exc.status_code, "invalid_request")
-        return JSONResponse(error_body(type_, str(exc.detail)), status_code=exc.status_code,
+        field = "body" if exc.status_code in (400, 413, 415) else None
+        return JSONResponse(error_body(type_, str(exc.detail), field), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

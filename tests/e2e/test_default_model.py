@@ -1,0 +1,57 @@
+"""End to end on the real embedded default (SmolLM2-135M-Instruct GGUF + the committed head), over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rewardkit.client import RewardClient
+from rewardkit.core.formatting import Formatter, ScoreItem
+from rewardkit.core.loading import load_reward_model
+from rewardkit.core.scoring import reference_score
+from tests.helpers import ServerProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PAIRS = [  # (prompt, correct, wrong): simple checkable facts the backbone knows
+    ("What is the capital of France?", "The capital of France is Paris.", "The capital of France is Berlin."),
+    ("What is the capital of Italy?", "The capital of Italy is Rome.", "The capital of Italy is Madrid."),
+    ("What is 7 + 5?", "7 + 5 = 12.", "7 + 5 = 15."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo.", "The capital of Japan is Cairo."),
+    ("What is 9 + 10?", "9 + 10 = 19.", "9 + 10 = 17."),
+    ("What is the capital of Spain?", "The capital of Spain is Madrid.", "The capital of Spain is Oslo."),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with ServerProcess(None, tmp_path_factory.mktemp("e2e"), "--max-length", "512") as srv:
+        yield srv
+
+
+def test_default_model_parity_and_card(server: ServerProcess) -> None:
+    items = [ScoreItem(prompt=p, response=r) for p, c, w in PAIRS for r in (c, w)]
+    with RewardClient(server.url) as rk:
+        got = rk.score(prompts=[i.prompt for i in items], responses=[i.response for i in items])
+        card = rk.models()[0]
+    rm = load_reward_model(None)
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    want = [reference_score(rm, fmt.encode(it, k)) for k, it in enumerate(items)]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert card.id == rm.model_id and card.trained == rm.meta.trained
+    if not rm.meta.trained:
+        assert "UNTRAINED" in card.description
+    else:  # the committed head must prefer the correct answer on most simple facts
+        wins = sum(got[2 * k] > got[2 * k + 1] for k in range(len(PAIRS)))
+        assert wins >= 4, (wins, got)
+
+
+def test_default_head_is_committed_and_small() -> None:
+    from rewardkit.core.loading import DEFAULT_HEAD_DIR
+
+    if not DEFAULT_HEAD_DIR.exists():
+        pytest.skip("no default head committed yet")
+    size = sum(p.stat().st_size for p in Path(DEFAULT_HEAD_DIR).rglob("*") if p.is_file())
+    assert size <= 5 * 1024 * 1024

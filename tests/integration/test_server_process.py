@@ -1,0 +1,80 @@
+"""The real server process over HTTP, driven by the real client (tiny Llama model)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rewardkit.client import AsyncRewardClient, BadRequestError, RewardClient
+from rewardkit.client.adapters import make_openrlhf_reward_func, make_trl_reward_func
+from rewardkit.core.formatting import Formatter, ScoreItem
+from rewardkit.core.loading import load_reward_model
+from rewardkit.core.scoring import reference_score
+from tests.helpers import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with ServerProcess(tiny_llama_dir, tmp_path_factory.mktemp("srv"), "--max-length", "128",
+                       "--max-wait-ms", "10") as srv:
+        yield srv
+
+
+def _reference(model_dir: Path, items: list[ScoreItem]) -> list[float]:
+    rm = load_reward_model(model_dir)
+    fmt = Formatter(rm.tokenizer, max_length=128)
+    return [reference_score(rm, fmt.encode(it, i)) for i, it in enumerate(items)]
+
+
+def test_client_scores_equal_single_forward(server: ServerProcess, tiny_llama_dir: Path) -> None:
+    prompts = [f"Question {i}: what is {i} + {i}?" * (1 + i % 4) for i in range(20)]
+    responses = [f"The answer is {2 * i}." for i in range(20)]
+    with RewardClient(server.url, max_items_per_request=7) as rk:  # forces splitting into 3 requests
+        got = rk.score(prompts=prompts, responses=responses)
+        assert rk.ready()
+        info = rk.models()[0]
+    want = _reference(tiny_llama_dir, [ScoreItem(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)])
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert info.trained is True
+
+
+def test_concurrent_async_requests_are_batched_and_routed(server: ServerProcess, tiny_llama_dir: Path) -> None:
+    texts = [f"item number {i} " + "pad " * (i % 13) for i in range(48)]
+
+    async def main() -> list[float]:
+        async with AsyncRewardClient(server.url) as rk:
+            outs = await asyncio.gather(*(rk.score(texts=[t]) for t in texts))  # 48 concurrent single-item requests
+        return [o[0] for o in outs]
+
+    got = asyncio.run(main())
+    want = _reference(tiny_llama_dir, [ScoreItem(text=t) for t in texts])
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_bad_input_is_a_typed_4xx_and_server_survives(server: ServerProcess) -> None:
+    with RewardClient(server.url) as rk:
+        with pytest.raises(BadRequestError) as ei:
+            rk.score(items=[{"prompt": "x", "response": ""}])
+        assert ei.value.status == 422 and ei.value.field and ei.value.field.startswith("items[0]")
+        r = httpx.post(server.url + "/v1/rewards", content=b"\x80\x81 not utf8", headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422) and r.json()["error"]["type"] == "invalid_request"
+        assert r.json()["error"]["field"] == "body"
+        assert len(rk.score(texts=["still serving"])) == 1
+
+
+def test_trainer_adapters(server: ServerProcess) -> None:
+    with RewardClient(server.url) as rk:
+        trl = make_trl_reward_func(rk)
+        plain = trl(prompts=["2+2?", "2+2?"], completions=["4", "5"])
+        conv = trl(prompts=[[{"role": "user", "content": "2+2?"}]] * 2,
+                   completions=[[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]])
+        assert plain == pytest.approx(conv, rel=1e-5)  # same chat-formatted text either way
+        orl = make_openrlhf_reward_func(rk)
+        q = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"]
+        assert orl(q, ["<|im_start|>user\nhi<|im_end|>\n"]) == pytest.approx(rk.score(texts=q), rel=1e-6)
