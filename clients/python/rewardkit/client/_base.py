@@ -363,11 +363,11 @@ class _BaseRewardClient:
     def _api_error(response: httpx.Response) -> APIError:
         return parse_error(response.status_code, response.content, headers=response.headers)
 
-    def _retry_delay(self, state: _RetryState, err: RewardKitError, ep: _Endpoint) -> float:
-        """Seconds to wait before the next attempt; raises ``err`` when it must not be retried."""
+    def _retry_delay(self, state: _RetryState, err: RewardKitError, ep: _Endpoint) -> float | None:
+        """Seconds to wait before the next attempt, or ``None`` when ``err`` must be raised now."""
         err.attempts = state.attempt + 1
         if not _retryable(err) or state.attempt >= self.max_retries:
-            raise err
+            return None
         state.attempt += 1
         if isinstance(err, TransportError) and self._another_alive(ep):
             delay = 0.0  # fail over to another URL right away
@@ -386,7 +386,7 @@ class _BaseRewardClient:
                 delay,
                 self.max_retry_wait,
             )
-            raise err
+            return None
         state.waited += delay
         logger.info(
             "retrying url=%s error=%s attempt=%d delay=%.3fs",

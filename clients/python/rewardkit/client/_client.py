@@ -209,7 +209,10 @@ class RewardClient(_BaseRewardClient):
                 err = self._api_error(response)
             finally:
                 self._release(ep, weight)
-            time.sleep(self._retry_delay(state, err, ep))
+            delay = self._retry_delay(state, err, ep)
+            if delay is None:
+                raise err
+            time.sleep(delay)
 
 
 class AsyncRewardClient(_BaseRewardClient):
@@ -391,4 +394,7 @@ class AsyncRewardClient(_BaseRewardClient):
                 err = self._api_error(response)
             finally:
                 self._release(ep, weight)
-            await asyncio.sleep(self._retry_delay(state, err, ep))
+            delay = self._retry_delay(state, err, ep)
+            if delay is None:
+                raise err
+            await asyncio.sleep(delay)
