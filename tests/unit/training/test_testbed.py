@@ -387,7 +387,7 @@ def test_cli_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "test_flip_length" in printed and "evidence_pos" in printed
+    assert "test_flip_length" in printed and "length pres/agree" in printed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 2 and manifest["p_agree"] == 0.9 and manifest["counts"]["train"] == 40
     bad = parser.parse_args(["testbed", "make", "--out", str(out), "--p-agree", "2"])

@@ -72,15 +72,15 @@ def run_make(args: argparse.Namespace) -> int:
 def format_summary(manifest: dict[str, Any]) -> str:
     """One line per split: rows, words, longer-is-chosen rate, and per-artifact present/agree rates."""
     head = f"{'split':<22} {'rows':>5} {'words':>6} {'longer=chosen':>13}"
-    head += "".join(f" {name[:12]:>17}" for name in ARTIFACTS)
-    lines = [head, " " * 50 + "(present / agree)".rjust(len(head) - 50)]
+    head += "".join(f" {name[:11] + ' pres/agree':>22}" for name in ARTIFACTS)
+    lines = [head]
     for name, s in manifest["splits"].items():
         words = (s["mean_words"]["chosen"] + s["mean_words"]["rejected"]) / 2
         line = f"{name:<22} {s['rows']:>5} {words:>6.1f} {s['chosen_longer_rate']:>13.2f}"
         for art in ARTIFACTS:
             a = s["artifacts"][art]
             agree = "-" if a["agree_rate"] is None else f"{a['agree_rate']:.2f}"
-            line += f" {a['present_rate']:>10.2f} / {agree:>4}"
+            line += f" {a['present_rate']:>15.2f} / {agree:>4}"
         lines.append(line)
     return "\n".join(lines)
 
