@@ -60,7 +60,7 @@ def test_concurrent_async_requests_are_batched_and_routed(server: ServerProcess,
 def test_bad_input_is_a_typed_4xx_and_server_survives(server: ServerProcess) -> None:
     with RewardClient(server.url) as rk:
         with pytest.raises(BadRequestError) as ei:
-            rk.score(items=[{"prompt": "x", "response": ""}])
+            rk.score(items=[{"messages": [{"role": "user", "content": "no response to score"}]}])
         assert ei.value.status == 422 and ei.value.field and ei.value.field.startswith("items[0]")
         r = httpx.post(server.url + "/v1/rewards", content=b"\x80\x81 not utf8", headers={"content-type": "application/json"})
         assert r.status_code in (400, 422) and r.json()["error"]["type"] == "invalid_request"

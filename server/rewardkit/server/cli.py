@@ -56,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
     if not settings.is_loopback() and not settings.api_keys:
         log.warning("!!! binding %s beyond loopback WITHOUT API keys: anyone who can reach this port can use the "
                     "server. Set REWARDKIT_API_KEYS or --api-keys-file. !!!", settings.host)
+    import sys
+
+    # The model worker thread and the event loop share the GIL; the default 5 ms switch interval makes the loop wait
+    # up to 5 ms for the worker's Python-side model code. 0.5 ms keeps HTTP parsing responsive.
+    sys.setswitchinterval(0.0005)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), workers=1,
+                access_log=settings.access_log,
                 timeout_graceful_shutdown=int(settings.grace_period_s) or None)
     return 0

@@ -42,8 +42,6 @@ class RewardItem(BaseModel):
             raise ValueError("give exactly one of: prompt+response, messages, text")
         if kinds[0] and (self.prompt is None or self.response is None):
             raise ValueError("prompt and response must both be given")
-        if self.response is not None and self.response == "":
-            raise ValueError("response must not be empty")
         if self.text is not None and self.text == "":
             raise ValueError("text must not be empty")
         return self

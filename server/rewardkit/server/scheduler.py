@@ -82,13 +82,17 @@ class Scheduler(Generic[P, R]):
 
     def __init__(self, batch_fn: Callable[[list[P]], list[R]], *, max_batch_tokens: int, max_batch_size: int,
                  max_wait_s: float, max_queue_items: int,
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None, inline: bool = False) -> None:
         self._batch_fn = batch_fn
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_items = max_queue_items
         self._on_batch = on_batch
+        # inline: run the model on the event-loop thread (CPU: no GIL hand-offs between loop and worker; requests
+        # that arrive during a forward wait in the socket and form the next batch). Thread: a dedicated worker
+        # thread (GPU: kernels release the GIL, so HTTP parsing overlaps the forward).
+        self.inline = inline
         self._pending: list[Job[P]] = []
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardkit-model")
@@ -185,10 +189,15 @@ class Scheduler(Generic[P, R]):
             return False
         return sum(j.num_tokens for j in self._pending) < self.max_batch_tokens
 
+    async def _call(self, loop: asyncio.AbstractEventLoop, payloads: list[P]) -> list[R]:
+        if self.inline:
+            return self._batch_fn(payloads)
+        return await loop.run_in_executor(self._executor, self._batch_fn, payloads)
+
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Job[P]]) -> None:
         t0 = time.monotonic()
         try:
-            results = await loop.run_in_executor(self._executor, self._batch_fn, [j.payload for j in batch])
+            results = await self._call(loop, [j.payload for j in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch_fn returned {len(results)} results for {len(batch)} items")
             pairs: list[tuple[Job[P], R | BaseException]] = list(zip(batch, results, strict=True))
@@ -200,7 +209,7 @@ class Scheduler(Generic[P, R]):
                 pairs = []
                 for job in batch:
                     try:
-                        res = await loop.run_in_executor(self._executor, self._batch_fn, [job.payload])
+                        res = await self._call(loop, [job.payload])
                         pairs.append((job, res[0]))
                     except Exception as one_exc:
                         pairs.append((job, one_exc))

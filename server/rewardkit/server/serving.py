@@ -48,7 +48,8 @@ class RewardService:
         self.scheduler: Scheduler[ModelJob, ItemScore] = Scheduler(
             self._run_batch, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0, max_queue_items=settings.max_queue_items,
-            on_batch=self._on_batch)
+            on_batch=self._on_batch, inline=settings.worker_mode == "inline" or (
+                settings.worker_mode == "auto" and rm.device.type == "cpu"))
 
     # -- model worker side (runs on the scheduler's thread) --------------------------------------------------
     def _run_batch(self, jobs: list[ModelJob]) -> list[ItemScore]:

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1)
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the batcher waits to fill a batch")
     max_queue_items: int = Field(4096, ge=1, description="items waiting for the model before 429")
+    worker_mode: Literal["auto", "inline", "thread"] = Field(
+        "auto", description="auto: inline on CPU (model on the event-loop thread), a worker thread on GPU")
     prefix_sharing: bool = Field(True, description="compute a prompt shared by several items once (KV cache)")
     # limits on what clients control
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
@@ -47,6 +49,7 @@ class Settings(BaseSettings):
     metrics_require_auth: bool = False
     grace_period_s: float = Field(30.0, ge=0)
     log_level: str = "INFO"
+    access_log: bool = Field(False, description="uvicorn's per-request access log (costs ~10% of a tiny request)")
     # shared state
     redis_url: str | None = None
     cache_ttl_s: int = Field(3600, ge=0)

@@ -59,7 +59,6 @@ def test_models_health_ready(client: TestClient) -> None:
     ({"items": []}, "items"),
     ({}, "items"),
     ({"items": [{"prompt": "x"}]}, "items[0]"),
-    ({"items": [{"prompt": "x", "response": ""}]}, "items[0]"),
     ({"items": [{"text": 5}]}, "items[0].text"),
     ({"items": [{"messages": [{"role": "user", "content": "only a prompt"}]}]}, "items[0].messages"),
     ({"items": [{"text": "a"}], "beta": 2}, "beta"),
@@ -69,6 +68,12 @@ def test_bad_input_names_field(client: TestClient, payload: dict, field: str) ->
     assert r.status_code == 422, r.text
     err = _err(r).error
     assert err.type == "invalid_request" and err.field is not None and err.field.startswith(field)
+
+
+def test_empty_completion_is_scored(client: TestClient) -> None:
+    """GRPO can sample an empty completion; it must get a reward, not fail the whole group."""
+    r = client.post("/v1/rewards", json={"items": [{"prompt": "x", "response": ""}, {"prompt": "x", "response": "y"}]})
+    assert r.status_code == 200 and len(r.json()["rewards"]) == 2
 
 
 def test_limits(client: TestClient) -> None:

@@ -1,0 +1,100 @@
+"""Serving throughput: rewardkit vs a naive OpenRLHF-serve_rm-shaped baseline, same model, same load, one run.
+
+    .venv/bin/python bench/bench_serving.py            # tiny model + SmolLM2-135M
+    .venv/bin/python bench/bench_serving.py --quick    # smaller load
+
+Prints tokens/s, model FLOP/s as a fraction of the measured matmul peak, p50/p99 latency and the ratio to the
+baseline; writes bench/results/serving.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, drive, grpo_workload, matmul_peak_gflops, python, start_process, stop_process, write_json  # noqa: E402
+
+
+def count_tokens_and_params(model: str | None, texts: list[str]) -> tuple[int, int]:
+    from rewardkit.core.formatting import Formatter, ScoreItem
+    from rewardkit.core.loading import load_reward_model
+
+    rm = load_reward_model(model)
+    fmt = Formatter(rm.tokenizer, max_length=2048)
+    tokens = sum(fmt.encode(ScoreItem(text=t)).num_tokens for t in texts)
+    emb = rm.model.get_input_embeddings().weight.numel()
+    params = sum(p.numel() for p in rm.model.parameters()) - emb  # non-embedding params do the FLOPs
+    return tokens, params
+
+
+def chat_texts(model: str | None, pairs: list[tuple[str, str]]) -> list[str]:
+    from rewardkit.core.formatting import Formatter, ScoreItem
+    from rewardkit.core.loading import load_reward_model
+
+    rm = load_reward_model(model)
+    fmt = Formatter(rm.tokenizer, max_length=2048)
+    return [fmt.render(ScoreItem(prompt=p, response=c))[0] for p, c in pairs]
+
+
+def run_model(name: str, model: str | None, pairs: list[tuple[str, str]], concurrency: int, peak: float,
+              tmp: Path) -> list[dict[str, object]]:
+    texts = chat_texts(model, pairs)
+    tokens, params = count_tokens_and_params(model, texts)
+    margs = [] if model is None else ["--model", model]
+    rows = []
+    configs = [
+        ("naive (serve_rm-like)", [python(), str(ROOT / "bench/naive_server.py"), *margs, "--port", "8731"], 8731),
+        ("rewardkit, no prefix sharing",
+         [python(), "-m", "rewardkit.cli", "serve", *margs, "--port", "8732", "--no-prefix-sharing",
+          "--max-wait-ms", "5"], 8732),
+        ("rewardkit", [python(), "-m", "rewardkit.cli", "serve", *margs, "--port", "8733", "--max-wait-ms", "5"], 8733),
+    ]
+    base_tps = None
+    for label, cmd, port in configs:
+        url = f"http://127.0.0.1:{port}"
+        proc = start_process(cmd, url, tmp / f"{name}-{port}.log")
+        try:
+            asyncio.run(drive(url, texts[: min(len(texts), 2 * concurrency)], concurrency))  # warm-up
+            res = asyncio.run(drive(url, texts, concurrency))
+        finally:
+            stop_process(proc)
+        tps = tokens / res["wall_s"]
+        flops = 2 * params * tokens / res["wall_s"]
+        base_tps = base_tps or tps
+        row = {"model": name, "server": label, "items": len(texts), "tokens": tokens, "tokens_per_s": tps,
+               "model_gflops": flops / 1e9, "frac_of_peak": flops / 1e9 / peak, "p50_ms": res["p50_s"] * 1e3,
+               "p99_ms": res["p99_s"] * 1e3, "ratio_vs_naive": tps / base_tps}
+        rows.append(row)
+        print(f"{name:>10} | {label:<30} | {tps:9.0f} tok/s | {row['frac_of_peak']:.2f} of peak | "
+              f"p50 {row['p50_ms']:7.1f} ms | p99 {row['p99_ms']:7.1f} ms | x{row['ratio_vs_naive']:.2f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--skip-smollm2", action="store_true")
+    args = ap.parse_args()
+    peak = matmul_peak_gflops()
+    print(f"matmul peak (fp32, 2048^3): {peak:.1f} GFLOP/s")
+    from rewardkit.core.testing import make_tiny_reward_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="rk-bench-"))
+    tiny = str(make_tiny_reward_model(tmp / "tiny", arch="llama", hidden=64, layers=2))
+    p, k = (8, 4) if args.quick else (16, 8)
+    rows = run_model("tiny", tiny, grpo_workload(p * 4, k, (40, 250), (10, 150)), args.concurrency, peak, tmp)
+    if not args.skip_smollm2:
+        p2 = 4 if args.quick else 8
+        rows += run_model("smollm2", None, grpo_workload(p2, 4, (40, 250), (10, 150), seed=1), args.concurrency, peak, tmp)
+    write_json(ROOT / "bench/results/serving.json", {"matmul_peak_gflops": peak, "rows": rows,
+                                                     "concurrency": args.concurrency})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Shared pieces of the benchmarks: the matmul peak, GRPO-shaped workloads, server processes, load generation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the model reads each answer and checks whether the number matches the question asked by the user while "
+         "a careful reviewer weighs evidence from several sources before writing a short clear reply about it").split()
+
+
+def matmul_peak_gflops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+    """Best-of-N GFLOP/s of an n x n matmul in the serving dtype (the machine's practical peak)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    a = torch.randn(n, n, dtype=dt)
+    b = torch.randn(n, n, dtype=dt)
+    torch.matmul(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def grpo_workload(n_prompts: int, k: int, prompt_words: tuple[int, int], completion_words: tuple[int, int],
+                  seed: int = 0) -> list[tuple[str, str]]:
+    """P prompts x K completions, mixed lengths: list of (prompt, completion)."""
+    rng = random.Random(seed)
+    out = []
+    for p in range(n_prompts):
+        prompt = f"Question {p}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(*prompt_words))) + "?"
+        for _ in range(k):
+            out.append((prompt, " ".join(rng.choice(WORDS) for _ in range(rng.randint(*completion_words))) + "."))
+    return out
+
+
+def start_process(cmd: list[str], url: str, log: Path, timeout: float = 300) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    fh = open(log, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError(f"{cmd} not ready")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def python() -> str:
+    return sys.executable
+
+
+async def drive(url: str, texts: list[str], concurrency: int, path: str = "/get_reward") -> dict[str, Any]:
+    """C concurrent clients, each sending single-item requests (as OpenRLHF's executor does)."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for t in texts:
+        queue.put_nowait(t)
+    lat: list[float] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                t = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            t0 = time.perf_counter()
+            r = await client.post(url + path, json={"query": [t]})
+            r.raise_for_status()
+            lat.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat.sort()
+    return {"wall_s": wall, "requests": len(lat), "p50_s": statistics.median(lat),
+            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
