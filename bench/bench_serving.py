@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, drive, grpo_workload, matmul_peak_gflops, python, start_process, stop_process, write_json  # noqa: E402
+from common import ROOT, drive, drive_wrk, grpo_workload, matmul_peak_gflops, python, start_process, stop_process, write_json  # noqa: E402
 
 
 def count_tokens_and_params(model: str | None, texts: list[str]) -> tuple[int, int]:
@@ -42,9 +42,12 @@ def chat_texts(model: str | None, pairs: list[tuple[str, str]]) -> list[str]:
 
 
 def run_model(name: str, model: str | None, pairs: list[tuple[str, str]], concurrency: int, peak: float,
-              tmp: Path) -> list[dict[str, object]]:
+              tmp: Path, driver: str, seconds: int) -> list[dict[str, object]]:
+    import json
+
     texts = chat_texts(model, pairs)
     tokens, params = count_tokens_and_params(model, texts)
+    bodies = [json.dumps({"query": [t]}) for t in texts]
     margs = [] if model is None else ["--model", model]
     rows = []
     configs = [
@@ -60,13 +63,20 @@ def run_model(name: str, model: str | None, pairs: list[tuple[str, str]], concur
         proc = start_process(cmd, url, tmp / f"{name}-{port}.log")
         try:
             asyncio.run(drive(url, texts[: min(len(texts), 2 * concurrency)], concurrency))  # warm-up
-            res = asyncio.run(drive(url, texts, concurrency))
+            if driver == "wrk":
+                res = drive_wrk(url, bodies, concurrency, seconds, tmp)
+                # wrk cycles through the bodies; tokens served = requests x mean tokens per body
+                served_tokens = res["requests"] * tokens / len(texts)
+            else:
+                res = asyncio.run(drive(url, texts, concurrency))
+                served_tokens = tokens
         finally:
             stop_process(proc)
-        tps = tokens / res["wall_s"]
-        flops = 2 * params * tokens / res["wall_s"]
+        tps = served_tokens / res["wall_s"]
+        flops = 2 * params * served_tokens / res["wall_s"]
         base_tps = base_tps or tps
-        row = {"model": name, "server": label, "items": len(texts), "tokens": tokens, "tokens_per_s": tps,
+        row = {"model": name, "server": label, "driver": driver, "requests": res["requests"],
+               "non_2xx": res.get("non_2xx", 0), "tokens_per_s": tps, "requests_per_s": res["requests"] / res["wall_s"],
                "model_gflops": flops / 1e9, "frac_of_peak": flops / 1e9 / peak, "p50_ms": res["p50_s"] * 1e3,
                "p99_ms": res["p99_s"] * 1e3, "ratio_vs_naive": tps / base_tps}
         rows.append(row)
@@ -80,6 +90,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--driver", choices=["wrk", "httpx"], default="wrk",
+                    help="load generator: wrk (C, apt-get install wrk) or httpx (Python; client-bound on 2 cores)")
+    ap.add_argument("--seconds", type=int, default=15, help="wrk duration per configuration")
     args = ap.parse_args()
     peak = matmul_peak_gflops()
     print(f"matmul peak (fp32, 2048^3): {peak:.1f} GFLOP/s")
@@ -88,10 +101,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="rk-bench-"))
     tiny = str(make_tiny_reward_model(tmp / "tiny", arch="llama", hidden=64, layers=2))
     p, k = (8, 4) if args.quick else (16, 8)
-    rows = run_model("tiny", tiny, grpo_workload(p * 4, k, (40, 250), (10, 150)), args.concurrency, peak, tmp)
+    rows = run_model("tiny", tiny, grpo_workload(p * 4, k, (40, 250), (10, 150)), args.concurrency, peak, tmp,
+                     args.driver, args.seconds)
     if not args.skip_smollm2:
         p2 = 4 if args.quick else 8
-        rows += run_model("smollm2", None, grpo_workload(p2, 4, (40, 250), (10, 150), seed=1), args.concurrency, peak, tmp)
+        rows += run_model("smollm2", None, grpo_workload(p2, 4, (40, 250), (10, 150), seed=1), args.concurrency, peak,
+                         tmp, args.driver, args.seconds * 2)
     write_json(ROOT / "bench/results/serving.json", {"matmul_peak_gflops": peak, "rows": rows,
                                                      "concurrency": args.concurrency})
 

@@ -109,3 +109,46 @@ async def drive(url: str, texts: list[str], concurrency: int, path: str = "/get_
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
+
+
+WRK_LUA = r"""
+local bodies = {}
+for line in io.lines(os.getenv("RK_BODIES")) do bodies[#bodies + 1] = line end
+local i = 0
+request = function()
+  i = i % #bodies + 1
+  return wrk.format("POST", os.getenv("RK_PATH") or "/get_reward", {["Content-Type"] = "application/json"}, bodies[i])
+end
+"""
+
+
+def _wrk_seconds(tok: str) -> float:
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+    for u in ("us", "ms", "s", "m"):
+        if tok.endswith(u):
+            return float(tok[: -len(u)]) * units[u]
+    return float(tok)
+
+
+def drive_wrk(url: str, bodies: list[str], concurrency: int, seconds: int, tmp: Path) -> dict[str, Any]:
+    """Closed-loop load with wrk (C, cheap per request, so the load generator is not the bottleneck on 2 cores).
+
+    Each connection sends single-item requests back to back, cycling through ``bodies``.
+    """
+    import re
+    import shutil
+
+    exe = shutil.which("wrk")
+    if exe is None:
+        raise RuntimeError("wrk not installed (apt-get install wrk); or run with --driver httpx")
+    (tmp / "bodies.jsonl").write_text("\n".join(bodies) + "\n")
+    (tmp / "rk.lua").write_text(WRK_LUA)
+    env = {**os.environ, "RK_BODIES": str(tmp / "bodies.jsonl")}
+    out = subprocess.run([exe, "-t", "2", "-c", str(concurrency), "-d", f"{seconds}s", "--latency", "--timeout", "60s",
+                          "-s", str(tmp / "rk.lua"), url], capture_output=True, text=True, env=env, check=True).stdout
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    wall = _wrk_seconds(re.search(r"requests in ([\d.]+\w+),", out).group(1))  # type: ignore[union-attr]
+    lat = {m.group(1): _wrk_seconds(m.group(2)) for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"wall_s": wall, "requests": reqs, "p50_s": lat.get("50", float("nan")), "p99_s": lat.get("99", float("nan")),
+            "non_2xx": int(errors.group(1)) if errors else 0, "raw": out}

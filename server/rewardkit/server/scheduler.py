@@ -51,29 +51,36 @@ class BatchStats:
     seconds: float
 
 
-def select_batch(lengths: Sequence[int], ages: Sequence[float], max_tokens: int, max_size: int) -> list[int]:
+def select_batch(lengths: Sequence[int], ages: Sequence[float], max_tokens: int, max_size: int,
+                 max_padding: float = 1.0) -> list[int]:
     """Pick indices for one batch: the oldest item plus neighbours in length order, under the padded-token budget.
 
-    ``ages``: enqueue times (smaller = older). Returns indices into ``lengths``. Always returns at least one index.
+    ``ages``: enqueue times (smaller = older). ``max_padding``: the largest padded fraction a batch may reach (an
+    item that would push it higher waits for a better-matched batch). Returns indices into ``lengths``; always at
+    least one.
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], ages[i]))
     oldest = min(range(len(lengths)), key=lambda i: ages[i])
     pos = order.index(oldest)
     lo = hi = pos
     width = lengths[oldest]
+    real = lengths[oldest]
     while hi - lo + 1 < max_size:
         n = hi - lo + 1
         cand: list[tuple[int, int, int]] = []  # (padding waste, new lo, new hi)
         if lo > 0 and width * (n + 1) <= max_tokens:
-            cand.append((width - lengths[order[lo - 1]], lo - 1, hi))
+            ln = lengths[order[lo - 1]]
+            if 1 - (real + ln) / (width * (n + 1)) <= max_padding:
+                cand.append((width - ln, lo - 1, hi))
         if hi + 1 < len(order):
             w2 = lengths[order[hi + 1]]
-            if w2 * (n + 1) <= max_tokens:
+            if w2 * (n + 1) <= max_tokens and 1 - (real + w2) / (w2 * (n + 1)) <= max_padding:
                 cand.append(((w2 - width) * n, lo, hi + 1))
         if not cand:
             break
         _, lo, hi = min(cand)
         width = max(width, lengths[order[hi]])
+        real = sum(lengths[order[k]] for k in range(lo, hi + 1))
     return [order[k] for k in range(lo, hi + 1)]
 
 
@@ -82,7 +89,8 @@ class Scheduler(Generic[P, R]):
 
     def __init__(self, batch_fn: Callable[[list[P]], list[R]], *, max_batch_tokens: int, max_batch_size: int,
                  max_wait_s: float, max_queue_items: int,
-                 on_batch: Callable[[BatchStats], None] | None = None, inline: bool = False) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None, inline: bool = False,
+                 max_padding: float = 1.0) -> None:
         self._batch_fn = batch_fn
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -93,6 +101,7 @@ class Scheduler(Generic[P, R]):
         # that arrive during a forward wait in the socket and form the next batch). Thread: a dedicated worker
         # thread (GPU: kernels release the GIL, so HTTP parsing overlaps the forward).
         self.inline = inline
+        self.max_padding = max_padding
         self._pending: list[Job[P]] = []
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardkit-model")
@@ -173,7 +182,7 @@ class Scheduler(Generic[P, R]):
             if not self._pending:
                 continue
             idx = select_batch([j.num_tokens for j in self._pending], [j.enqueued for j in self._pending],
-                               self.max_batch_tokens, self.max_batch_size)
+                               self.max_batch_tokens, self.max_batch_size, self.max_padding)
             chosen = set(idx)
             batch = [self._pending[i] for i in sorted(idx, key=lambda i: self._pending[i].num_tokens)]
             self._pending = [j for k, j in enumerate(self._pending) if k not in chosen]

@@ -45,15 +45,22 @@ class RewardService:
         self.metrics = metrics
         self.formatter = Formatter(rm.tokenizer, max_length=settings.max_length, truncate=settings.truncate)
         self.scorer = Scorer(rm, padding_side=settings.padding_side)
+        self.padding_free = settings.padding_free == "on" or (settings.padding_free == "auto" and rm.device.type == "cpu")
         self.scheduler: Scheduler[ModelJob, ItemScore] = Scheduler(
             self._run_batch, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0, max_queue_items=settings.max_queue_items,
-            on_batch=self._on_batch, inline=settings.worker_mode == "inline" or (
+            on_batch=self._on_batch, max_padding=settings.max_padding_fraction, inline=settings.worker_mode == "inline" or (
                 settings.worker_mode == "auto" and rm.device.type == "cpu"))
 
     # -- model worker side (runs on the scheduler's thread) --------------------------------------------------
     def _run_batch(self, jobs: list[ModelJob]) -> list[ItemScore]:
-        return self.scorer.score_batch([j.enc for j in jobs], return_hidden=any(j.want_hidden for j in jobs))
+        hidden = any(j.want_hidden for j in jobs)
+        if self.padding_free and not self.settings.prefix_sharing:
+            # CPU: a padded batch needs an explicit attention mask, which sends SDPA down its slow masked path
+            # (measured: batch 4 is ~25-35% slower per token than single items). One unpadded forward per item
+            # keeps the causal kernel; cross-request batching still amortises the queueing and HTTP work.
+            return [s for j in jobs for s in self.scorer.score_batch([j.enc], return_hidden=hidden)]
+        return self.scorer.score_batch([j.enc for j in jobs], return_hidden=hidden)
 
     def _on_batch(self, stats: Any) -> None:
         if self.metrics is not None:

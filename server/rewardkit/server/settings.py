@@ -31,10 +31,14 @@ class Settings(BaseSettings):
     # batching
     max_batch_tokens: int = Field(16384, ge=64, description="padded tokens per model batch")
     max_batch_size: int = Field(64, ge=1)
+    max_padding_fraction: float = Field(0.25, ge=0.0, le=1.0,
+                                        description="an item joins a batch only if padding stays under this share")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the batcher waits to fill a batch")
     max_queue_items: int = Field(4096, ge=1, description="items waiting for the model before 429")
     worker_mode: Literal["auto", "inline", "thread"] = Field(
         "auto", description="auto: inline on CPU (model on the event-loop thread), a worker thread on GPU")
+    padding_free: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: on CPU run each item of a batch unpadded (SDPA's causal kernel), on GPU pad")
     prefix_sharing: bool = Field(True, description="compute a prompt shared by several items once (KV cache)")
     # limits on what clients control
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
