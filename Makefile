@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.rewardkit-installed
 
-.PHONY: venv serve test test-fast bench lint clean
+.PHONY: venv serve test test-fast bench lint clean system-deps
 
 venv: $(STAMP)
 
@@ -38,3 +38,13 @@ lint: venv
 
 clean:
 	rm -rf $(VENV)
+
+# redis-server and prometheus/promtool for the real-service tests (Debian; needs root). Skips what is present.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
