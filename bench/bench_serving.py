@@ -17,7 +17,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, drive, drive_wrk, grpo_workload, matmul_peak_gflops, python, start_process, stop_process, write_json  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    drive,
+    drive_wrk,
+    grpo_workload,
+    matmul_peak_gflops,
+    python,
+    start_process,
+    stop_process,
+    write_json,
+)
 
 
 def count_tokens_and_params(model: str | None, texts: list[str]) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+
 from rewardkit.server.metrics import Metrics, metric_names
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -43,11 +43,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rewardkit.core.errors import InputError, ModelLoadError
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
+
+from rewardkit.core.errors import InputError, ModelLoadError
 
 __all__ = [
     "HEAD_FORMAT",

@@ -54,7 +54,12 @@ def make_tiny_reward_model(out_dir: str | Path, arch: str = "llama", hidden: int
                            heads: int = 4, kv_heads: int = 2, seed: int = 0, chat_template: bool = True) -> Path:
     """Write a tiny random-initialised ``*ForSequenceClassification`` (num_labels=1) + tokenizer to ``out_dir``."""
     import torch
-    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     out = Path(out_dir)
     tok = make_tokenizer(chat_template=chat_template)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from rewardkit.core.errors import InputError
 
 __all__ = [

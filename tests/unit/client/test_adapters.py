@@ -8,6 +8,7 @@ import inspect
 import httpx
 import numpy as np
 import pytest
+
 from rewardkit.client import AsyncRewardClient, DenseReward, RewardClient
 from rewardkit.client.adapters import (
     dense_to_lists,

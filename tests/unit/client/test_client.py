@@ -12,6 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+
 from rewardkit.client import (
     AsyncRewardClient,
     AuthenticationError,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 
 import pytest
+
 from rewardkit.client import errors as E
 
 

@@ -8,6 +8,9 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
 from rewardkit.core.errors import InputError, ModelLoadError
 from rewardkit.core.r2m import (
     GroupSizeError,
@@ -22,8 +25,6 @@ from rewardkit.core.r2m import (
     read_head_metadata,
     save_head,
 )
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 D_RM, D_P, D_ATTN, S = 16, 12, 8, 6
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from rewardkit.core.errors import InputError
 from rewardkit.core.wire import (
     MAGIC,

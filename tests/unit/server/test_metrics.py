@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+
 from rewardkit.server.drift import DriftMonitor
 from rewardkit.server.metrics import REWARD_BUCKETS, Metrics, metric_names
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from rewardkit.training.data import load_preferences
 from rewardkit.training.testbed import (
     ARTIFACTS,

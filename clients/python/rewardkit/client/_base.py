@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 from pydantic import ValidationError
+
 from rewardkit.client.errors import (
     APIError,
     NotReadyError,

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
+
 from rewardkit.client._base import (
     DEFAULT_MAX_CONCURRENCY,
     Item,

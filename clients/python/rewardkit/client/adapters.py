@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from rewardkit.client._base import Item
 from rewardkit.client._client import AsyncRewardClient, RewardClient
 from rewardkit.client.types import DenseReward

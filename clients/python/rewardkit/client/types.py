@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+
 from rewardkit.client.errors import ResponseFormatError
 
 __all__ = ["DenseReward", "ModelInfo"]
