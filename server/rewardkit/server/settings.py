@@ -55,8 +55,19 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     access_log: bool = Field(False, description="uvicorn's per-request access log (costs ~10% of a tiny request)")
     # shared state
-    redis_url: str | None = None
-    cache_ttl_s: int = Field(3600, ge=0)
+    redis_url: str | None = Field(None, description="redis://host:port/db: score cache, head sharing, fleet drift")
+    cache_ttl_s: int = Field(3600, ge=0, description="TTL of cached scores in Redis; 0 disables the score cache")
+    redis_namespace: str = Field("rewardkit", min_length=1, description="key prefix in Redis (one per fleet)")
+    redis_op_timeout_s: float = Field(0.5, gt=0, le=30, description="a slower Redis operation counts as Redis down")
+    replica_id: str | None = Field(None, description="this replica's name in Redis (default: host-pid-random)")
+    # drift monitoring (see rewardkit.server.drift)
+    drift_enabled: bool = Field(True, description="feed returned rewards to the drift monitor")
+    drift_window: int = Field(2048, ge=2, description="rewards in the sliding drift window")
+    drift_reference_size: int = Field(2048, ge=2, description="first rewards that fill the reference automatically")
+    drift_bins: int = Field(10, ge=2, le=100, description="quantile bins of the PSI")
+    drift_collapse_eps: float = Field(1e-3, ge=0, description="group collapse threshold, relative to the window std")
+    drift_min_samples: int = Field(100, ge=2, description="statistics are null below this many rewards")
+    drift_sync_interval_s: float = Field(5.0, gt=0, description="how often a replica pushes its window to Redis")
     state_dir: Path = Field(Path("./rewardkit-state"), description="R2M heads and other server state")
 
     @field_validator("api_keys", mode="before")
