@@ -13,11 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from rewardkit.core.loading import RewardModel, load_reward_model
-from rewardkit.server import compat, routes
+from rewardkit.server import compat, monitoring, routes
 from rewardkit.server.deps import AppState
 from rewardkit.server.errors import error_body, install_error_handlers
+from rewardkit.server.metrics import Metrics
 from rewardkit.server.serving import RewardService
 from rewardkit.server.settings import Settings
 
@@ -89,6 +91,9 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
     """Build the app. ``rm``: an already-loaded model (tests); otherwise ``settings.model`` loads at start-up."""
     settings = settings or Settings()
     state = AppState(settings=settings)
+    # metrics on the app's own registry, before the service exists (the service records batches and rewards)
+    state.metrics = Metrics(CollectorRegistry())
+    state.metrics.registry.register(monitoring.OperationsCollector(state))
 
     async def _load() -> None:
         try:
@@ -96,6 +101,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
                 load_reward_model, settings.model, device=settings.device, dtype=settings.dtype,
                 trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
             state.service = build_service(state, model)
+            await monitoring.attach_service(state)  # Redis score cache + latest published head, when configured
             log.info("ready model=%s head_version=%s", model.model_id, model.head_version)
         except Exception as exc:  # keep serving /health and say why /ready fails
             state.load_error = f"{type(exc).__name__}: {exc}"
@@ -103,6 +109,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await monitoring.start_redis(state)  # no-op without settings.redis_url; a down Redis does not block
         if rm is not None:
             await _load()
             loader = None
@@ -116,6 +123,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
                 loader.cancel()
             if state.service is not None:
                 await state.service.scheduler.stop(drain_timeout=settings.grace_period_s)
+            await monitoring.stop_redis(state)
             log.info("shutdown complete")
 
     app = FastAPI(title="rewardkit", version="0.1.0", lifespan=lifespan,
@@ -125,5 +133,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
     app.include_router(routes.open_router)
     app.include_router(routes.router)
     app.include_router(compat.router)
+    app.include_router(monitoring.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(monitoring.RequestMetricsMiddleware, state=state)  # type: ignore[arg-type]  # outermost: sees 413s
     return app

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,9 +16,11 @@ from rewardkit.core.errors import InputError
 from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
 from rewardkit.core.loading import RewardModel
 from rewardkit.core.scoring import ItemScore, Scorer
+from rewardkit.server.drift import DriftMonitor
 from rewardkit.server.errors import BadRequest, NotReady, Overloaded, PayloadTooLarge, ServerError
 from rewardkit.server.scheduler import DeadlineExceeded, QueueFull, Scheduler
 from rewardkit.server.settings import Settings
+from rewardkit.server.state import CachedScore, RedisState, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,14 @@ class RewardService:
             max_wait_s=settings.max_wait_ms / 1000.0, max_queue_items=settings.max_queue_items,
             on_batch=self._on_batch, max_padding=settings.max_padding_fraction, inline=settings.worker_mode == "inline" or (
                 settings.worker_mode == "auto" and rm.device.type == "cpu"))
+        # operations (issue 7): drift monitor fed with every returned reward, optional Redis score cache
+        self.drift: DriftMonitor | None = DriftMonitor(
+            window=settings.drift_window, reference_size=settings.drift_reference_size, bins=settings.drift_bins,
+            collapse_eps=settings.drift_collapse_eps, min_samples=settings.drift_min_samples,
+        ) if settings.drift_enabled else None
+        self.state: RedisState | None = None  # set by the app when settings.redis_url is given
+        self._group_ns = uuid.uuid4().hex[:8]  # group ids stay unique when replicas' windows are merged
+        self._request_seq = itertools.count()
 
     # -- model worker side (runs on the scheduler's thread) --------------------------------------------------
     def _run_batch(self, jobs: list[ModelJob]) -> list[ItemScore]:
@@ -116,10 +128,92 @@ class RewardService:
                     ) -> list[ScoredItem]:
         t0 = time.monotonic()
         encs = self.encode(items, truncate, field)
-        scores = await self.score_encoded(encs)
+        scores = await self.score_cached(encs)
         if self.metrics is not None:
             self.metrics.observe_scores(self.rm.model_id, self.rm.head_version, encs, scores, time.monotonic() - t0)
+        self.observe_drift(encs, scores)
         return [ScoredItem(e, s) for e, s in zip(encs, scores, strict=True)]
+
+    async def score_cached(self, encs: Sequence[EncodedItem]) -> list[ItemScore]:
+        """`score_encoded` behind the Redis score cache (model id, head version, sha256 of text and ids).
+
+        Without Redis, or while it is down, the cache is bypassed and every item is scored.
+        """
+        st = self.state
+        if st is None or st.cache_ttl_s == 0 or not encs:
+            return await self.score_encoded(encs)
+        model_id, version = self.rm.model_id, self.head_version
+        keys = [cache_key(e.text, e.input_ids) for e in encs]
+        cached = await st.cache_get_many(model_id, version, keys)
+        if cached is None:  # Redis down: bypass
+            return await self.score_encoded(encs)
+        miss = [i for i, c in enumerate(cached) if c is None]
+        if self.metrics is not None:
+            self.metrics.observe_score_cache(len(encs) - len(miss), len(miss))
+        fresh = await self.score_encoded([encs[i] for i in miss]) if miss else []
+        out: list[ItemScore | None] = [
+            None if c is None else ItemScore(reward=c.reward, num_tokens=c.num_tokens, truncated=c.truncated,
+                                             raw_reward=c.raw_reward) for c in cached]
+        for i, s in zip(miss, fresh, strict=True):
+            out[i] = s
+        if miss and self.head_version == version:  # a head swapped mid-request must not file new scores as old
+            await st.cache_put_many(model_id, version, [
+                (keys[i], CachedScore(s.reward, s.raw_reward, s.num_tokens, s.truncated))
+                for i, s in zip(miss, fresh, strict=True)])
+        return [s for s in out if s is not None]
+
+    def observe_drift(self, encs: Sequence[EncodedItem], scores: Sequence[ItemScore]) -> None:
+        """Feed the drift monitor: reward, response length in tokens, and a group id per item.
+
+        Items of one request that share a prompt (the formatted text before the response) form one group
+        (a GRPO group); an item alone with its prompt gets no group.
+        """
+        if self.drift is None or not encs:
+            return
+        seq = next(self._request_seq)
+        first: dict[str, int] = {}
+        count: dict[str, int] = {}
+        prefixes = [e.text[:e.response_start] for e in encs]
+        for i, p in enumerate(prefixes):
+            first.setdefault(p, i)
+            count[p] = count.get(p, 0) + 1
+        groups = [f"{self._group_ns}:{seq}:{first[p]}" if p and count[p] > 1 else None for p in prefixes]
+        lengths = [len(e.response_token_indices()) for e in encs]
+        self.drift.observe([s.reward for s in scores], lengths, groups)
+
+    def swap_scalar_head(self, model_id: str, version: str, weights: bytes) -> bool:
+        """Install a published scalar head (safetensors with ``weight`` [and ``bias``], the head's shapes).
+
+        The new ``nn.Linear`` replaces the old one by one attribute assignment, so a batch running on another
+        thread uses either the old or the new head, never a mix. Returns False when the update is for another
+        model, is the version already served, or is not a scalar head (an R2M head: the R2M updater's callback
+        handles those).
+        """
+        import torch
+        from safetensors.torch import load as load_safetensors
+
+        if model_id != self.rm.model_id or version == self.head_version:
+            return False
+        tensors = load_safetensors(bytes(weights))
+        weight = tensors.get("weight", tensors.get("score.weight"))
+        bias = tensors.get("bias", tensors.get("score.bias"))
+        old = self.rm.head
+        if weight is None or tuple(weight.shape) != tuple(old.weight.shape):
+            log.info("head update model=%s version=%s is not a scalar head of shape %s; left to other handlers",
+                     model_id, version, tuple(old.weight.shape))
+            return False
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=bias is not None, device=old.weight.device,
+                              dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            if bias is not None:
+                new.bias.copy_(bias.reshape(new.bias.shape))
+        new.requires_grad_(False)
+        attr = "score" if getattr(self.rm.model, "score", None) is old else "classifier"
+        setattr(self.rm.model, attr, new)
+        self.rm.head_version = version
+        log.info("head swapped model=%s version=%s", model_id, version)
+        return True
 
     @property
     def head_version(self) -> str:
