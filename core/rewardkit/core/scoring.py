@@ -69,11 +69,16 @@ def pad_batch(items: Sequence[EncodedItem], pad_token_id: int, padding_side: str
 class Scorer:
     """Scores batches of encoded items with one reward model."""
 
-    def __init__(self, rm: RewardModel, padding_side: str = "right") -> None:
+    def __init__(self, rm: RewardModel, padding_side: str = "right", prefix_sharing: bool = True) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError("padding_side must be 'left' or 'right'")
         self.rm = rm
         self.padding_side = padding_side
+        # -- prefix sharing (rewardkit.core.prefix): items sharing a token prefix run it once; counters in .prefix.stats
+        from rewardkit.core.prefix import PrefixSharer
+
+        self.prefix_sharing = prefix_sharing
+        self.prefix = PrefixSharer()
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.rm.meta.norm_mean) / self.rm.meta.norm_std
@@ -82,6 +87,14 @@ class Scorer:
     def score_batch(self, items: Sequence[EncodedItem], return_hidden: bool = False) -> list[ItemScore]:
         if not items:
             return []
+        # -- prefix sharing (rewardkit.core.prefix): None when no group is worth it or the model is unsupported --
+        if self.prefix_sharing:
+            from rewardkit.core.prefix import score_with_shared_prefixes
+
+            shared = score_with_shared_prefixes(self, items, return_hidden)
+            if shared is not None:
+                return shared
+        # -- end prefix sharing --
         rm = self.rm
         ids, mask, pos = pad_batch(items, rm.pad_token_id, self.padding_side, rm.device)
         out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
