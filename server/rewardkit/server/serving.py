@@ -17,7 +17,7 @@ from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
 from rewardkit.core.loading import RewardModel
 from rewardkit.core.scoring import ItemScore, Scorer
 from rewardkit.server.drift import DriftMonitor
-from rewardkit.server.errors import BadRequest, NotReady, Overloaded, PayloadTooLarge, ServerError
+from rewardkit.server.errors import BadRequest, NotReady, Overloaded, PayloadTooLarge
 from rewardkit.server.scheduler import DeadlineExceeded, QueueFull, Scheduler
 from rewardkit.server.settings import Settings
 from rewardkit.server.state import CachedScore, RedisState, cache_key
@@ -94,6 +94,7 @@ class RewardService:
             if chars > limit:
                 raise PayloadTooLarge(f"{field}[{i}]: {chars} characters exceeds max_chars_per_item={limit}",
                                       field=f"{field}[{i}]")
+            check_unicode(item, f"{field}[{i}]")
             try:
                 out.append(self.formatter.encode(item, i, truncate=truncate))
             except InputError as exc:
@@ -112,9 +113,9 @@ class RewardService:
             raise Overloaded(f"server overloaded: {exc}", retry_after=1.0) from exc
         try:
             return list(await asyncio.gather(*futs))
-        except DeadlineExceeded as exc:
-            raise ServerError(f"request timed out in the queue after request_timeout_s="
-                              f"{self.settings.request_timeout_s}") from exc
+        except DeadlineExceeded as exc:  # overload, not a server bug: 429 so that clients back off and retry
+            raise Overloaded(f"request waited in the queue past request_timeout_s="
+                             f"{self.settings.request_timeout_s}", field="request_timeout_s", retry_after=1.0) from exc
         except QueueFull as exc:
             raise NotReady(str(exc), retry_after=5.0) from exc
         except InputError:
@@ -241,3 +242,16 @@ def to_score_item(d: Any) -> ScoreItem:
 def ensure(cond: bool, message: str, field: str) -> None:
     if not cond:
         raise BadRequest(message, field=field)
+
+
+def check_unicode(item: ScoreItem, field: str) -> None:
+    """Refuse text the tokenizer cannot take: JSON's ``\\ud800`` escapes decode to lone surrogates, which are not
+    Unicode scalar values (the Rust tokenizer raises on them, which used to answer 500)."""
+    texts = [item.prompt, item.response, item.text, *(m.get("content") for m in (item.messages or []))]
+    for s in texts:
+        if isinstance(s, str):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise BadRequest(f"{field}: invalid Unicode (lone surrogate U+{ord(s[exc.start]):04X} at character "
+                                 f"{exc.start}); send valid UTF-8 text", field=field) from None
