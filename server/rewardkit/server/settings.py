@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class Settings(BaseSettings):
     # http
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[SecretStr] = Field(default_factory=list, description="bearer keys (env: JSON list)")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="bearer keys (env: comma-separated or a JSON list)")
     api_keys_file: Path | None = Field(None, description="file with one API key per line")
     metrics_require_auth: bool = False
     grace_period_s: float = Field(30.0, ge=0)
@@ -74,6 +76,8 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, v: object) -> object:
         if isinstance(v, str):
+            if v.strip().startswith("["):
+                return json.loads(v)
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
