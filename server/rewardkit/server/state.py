@@ -267,6 +267,8 @@ class RedisState:
     async def _session(self) -> None:
         """One connected period: ping, subscribe, catch up, then pump events until a failure."""
         assert self._client is not None
+        if not self.available:  # after an outage the pool holds dead sockets: drop them all, not one per failure
+            await self._client.connection_pool.disconnect()
         await self._client.ping()
         self._mark_up()
         pubsub = self._client.pubsub()
