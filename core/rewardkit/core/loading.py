@@ -31,7 +31,8 @@ EMBEDDED_SMOLLM2 = "embedded:smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The committed default head (trained on the testbed); see docs/results.md for how it was made.
 DEFAULT_HEAD_DIR = Path(__file__).parent / "default_head"
-ATTN_IMPLEMENTATION = "sdpa"
+# SDPA plus the one attention row ABC dense rewards need (rewardkit.core.abc); identical outputs to "sdpa".
+ATTN_IMPLEMENTATION = "abc_sdpa"
 
 
 @dataclasses.dataclass
@@ -121,6 +122,10 @@ def _load_hf(source: str, gguf_file: str | None, dtype: torch.dtype, trust_remot
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if attn_implementation == "abc_sdpa":
+        from rewardkit.core.abc import register_attention
+
+        register_attention()
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:

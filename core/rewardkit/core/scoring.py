@@ -30,6 +30,11 @@ class ItemScore:
     truncated: bool
     raw_reward: float
     hidden: torch.Tensor | None = None
+    # -- ABC (rewardkit.core.abc), set only when scored with abc_layers: the head-mean attention row of the reward
+    # token over the item's own tokens (n,) fp32 CPU, the reward token's index, entropy (nats) of the response weights
+    attention: torch.Tensor | None = None
+    reward_index: int | None = None
+    attention_entropy: float | None = None
 
 
 def reward_indices(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, rule: str) -> torch.Tensor:
@@ -84,9 +89,17 @@ class Scorer:
         return (raw - self.rm.meta.norm_mean) / self.rm.meta.norm_std
 
     @torch.inference_mode()
-    def score_batch(self, items: Sequence[EncodedItem], return_hidden: bool = False) -> list[ItemScore]:
+    def score_batch(self, items: Sequence[EncodedItem], return_hidden: bool = False,
+                    abc_layers: Sequence[int] | None = None) -> list[ItemScore]:
+        """Score items in order. ``abc_layers``: also capture the attention rows ABC needs (plain path only)."""
         if not items:
             return []
+        # -- ABC dense rewards (rewardkit.core.abc): plain padded path with the attention row captured --
+        if abc_layers is not None:
+            from rewardkit.core.abc import score_batch_with_rows
+
+            return score_batch_with_rows(self, items, return_hidden, abc_layers)
+        # -- end ABC --
         # -- prefix sharing (rewardkit.core.prefix): None when no group is worth it or the model is unsupported --
         if self.prefix_sharing:
             from rewardkit.core.prefix import score_with_shared_prefixes

@@ -1,0 +1,342 @@
+"""ABC: token-level (dense) rewards from the reward model's own attention (Chan et al. 2024, "Dense Reward for Free").
+
+The reward R is read at one token. ABC spreads it over the response tokens in proportion to how much that token
+attends to each of them in the last layer (heads averaged):
+
+    r_t = beta * a_t * R + (1 - beta) * R * [t = T]          a = attention row over the response, renormalised
+
+so ``sum_t r_t = R``. ``T`` is the last response token.
+
+Cheap by design: the model keeps its fused SDPA kernel. We register an attention function, ``abc_sdpa``, that calls
+transformers' ``sdpa_attention_forward`` for the real output and, only while a :func:`capture` is active on this
+thread (a ``ContextVar``) and only for the selected layers, computes the ONE attention row needed per batch item:
+``softmax(q[b, :, t_b] @ k[b]^T * scaling + mask[b, t_b])`` averaged over heads, with post-RoPE queries and keys
+(GQA handled by grouping the query heads over their key/value head). That is B x H x T work per captured layer,
+against the forward's B x T x T x H. The mask function registered under the same name is transformers' ``sdpa_mask``
+(without it, transformers would build no mask at all for an unknown implementation name).
+
+Example::
+
+    rm = load_reward_model(path)                      # loads with attn_implementation="abc_sdpa"
+    s = Scorer(rm).score_batch([enc], abc_layers=resolve_layers(rm, AbcOptions()))[0]
+    d = dense_rewards(enc, s, AbcOptions(beta=0.8))    # d.token_rewards sums to s.reward
+    policy = project_to_spans(d, [(0, 3), (3, 9)])      # onto the caller's tokens, still sums to s.reward
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from rewardkit.core.errors import ConfigError, InputError
+from rewardkit.core.formatting import EncodedItem
+
+if TYPE_CHECKING:
+    from rewardkit.core.loading import RewardModel
+    from rewardkit.core.scoring import ItemScore, Scorer
+
+ATTN_NAME = "abc_sdpa"
+
+__all__ = [
+    "ATTN_NAME",
+    "AbcOptions",
+    "AttentionCapture",
+    "DenseResult",
+    "abc_sdpa_attention",
+    "attention_row",
+    "capture",
+    "dense_rewards",
+    "project_to_spans",
+    "register_attention",
+    "resolve_layers",
+    "response_weights",
+    "score_batch_with_rows",
+    "spans_from_token_strings",
+    "validate_spans",
+]
+
+
+# --- options --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AbcOptions:
+    """How the attention row becomes a dense reward.
+
+    ``beta``: share of R spread by attention; the rest goes to the last response token (paper: 0.8 in the main runs,
+    reward rose with beta up to 1.0 in its sweep). ``layer``: which layer's attention (negative counts from the end;
+    default -1, the last layer, as the paper and its code do). ``num_layers``: average the rows of this many layers
+    ending at ``layer`` (a smoother, less head-specific credit; 1 = the paper). ``renormalize``: rescale the weights
+    over the response tokens to sum to 1 (the paper's code does; False keeps the raw attention share, so the prompt's
+    share of attention is simply not distributed and ``sum r_t = R (1 - beta (1 - sum a_t))``).
+    """
+
+    beta: float = 0.8
+    layer: int = -1
+    num_layers: int = 1
+    renormalize: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise InputError(f"beta must be in [0, 1], got {self.beta}", field="beta")
+        if self.num_layers < 1:
+            raise ConfigError(f"abc num_layers must be >= 1, got {self.num_layers}")
+
+
+def resolve_layers(rm: RewardModel, opts: AbcOptions) -> tuple[int, ...]:
+    """Absolute layer indices whose rows are averaged, e.g. (29,) for SmolLM2's last layer."""
+    n = int(rm.model.config.num_hidden_layers)
+    last = opts.layer + n if opts.layer < 0 else opts.layer
+    first = last - opts.num_layers + 1
+    if not 0 <= first <= last < n:
+        raise ConfigError(f"abc layer={opts.layer} num_layers={opts.num_layers} is outside the model's {n} layers")
+    return tuple(range(first, last + 1))
+
+
+# --- the captured row -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AttentionCapture:
+    """What one forward collects: for each selected layer, the head-mean attention row of each batch item's query
+    position. ``positions``: (B,) query index per row, in the padded batch's coordinates."""
+
+    layers: frozenset[int]
+    positions: torch.Tensor
+    rows: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> (B, T_k) float32
+
+    def mean_row(self) -> torch.Tensor:
+        """(B, T_k): the rows averaged over the captured layers."""
+        missing = self.layers - set(self.rows)
+        if missing:
+            raise ConfigError(
+                f"no attention captured for layers {sorted(missing)}: dense rewards need the model loaded with "
+                f"attn_implementation={ATTN_NAME!r} (rewardkit.core.loading does this by default)")
+        return torch.stack([self.rows[i] for i in sorted(self.layers)]).mean(0)
+
+
+_CAPTURE: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextVar("rewardkit_abc_capture", default=None)
+
+
+@contextlib.contextmanager
+def capture(layers: Sequence[int], positions: torch.Tensor) -> Iterator[AttentionCapture]:
+    """Capture the attention rows at ``positions`` (B,) for ``layers`` during forwards run inside the block."""
+    cap = AttentionCapture(frozenset(int(i) for i in layers), positions)
+    token = _CAPTURE.set(cap)
+    try:
+        yield cap
+    finally:
+        _CAPTURE.reset(token)
+
+
+def attention_row(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                  scaling: float | None, positions: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax attention of query position ``positions[b]`` over all keys of row b. Returns (B, T_k) fp32.
+
+    ``query``: (B, Hq, Tq, D) post-RoPE; ``key``: (B, Hkv, Tk, D) post-RoPE, Hq a multiple of Hkv (GQA);
+    ``attention_mask``: None (pure causal), a bool mask (True = attend) or an additive float mask, (B|1, 1|H, Tq, Tk).
+    """
+    b, hq, tq, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    rep = hq // hkv
+    rows = torch.arange(b, device=query.device)
+    pos = positions.to(query.device)
+    scale = d**-0.5 if scaling is None else scaling
+    q = query[rows, :, pos].float().reshape(b, hkv, rep, d)  # (B, Hkv, rep, D): query heads grouped by KV head
+    scores = torch.einsum("bgrd,bgtd->bgrt", q, key.float()).reshape(b, hq, tk) * scale  # (B, Hq, Tk)
+    if attention_mask is None:
+        k_pos = torch.arange(tk, device=query.device)  # (Tk,)
+        allowed = k_pos[None, :] <= (pos + (tk - tq))[:, None]  # (B, Tk): causal; keys may include a cache
+        scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    else:
+        m = attention_mask[:, 0]  # (B|1, Tq, Tk): the mask is shared by heads in every model we support
+        m = m.expand(b, -1, -1)[rows, pos]  # (B, Tk)
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m[:, None, :], float("-inf"))
+        else:
+            scores = scores + m.float()[:, None, :]
+    return torch.softmax(scores, dim=-1).mean(1)  # (B, Tk)
+
+
+def abc_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, plus the ABC row for the captured layers while a capture is active."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cap = _CAPTURE.get()
+    if cap is not None and getattr(module, "layer_idx", None) in cap.layers:
+        cap.rows[int(module.layer_idx)] = attention_row(  # type: ignore[arg-type]
+            query, key, attention_mask, kwargs.get("scaling"), cap.positions)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+def register_attention() -> str:
+    """Register ``abc_sdpa`` (attention function + SDPA's mask builder) with transformers; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, abc_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    return ATTN_NAME
+
+
+# --- scoring with rows ----------------------------------------------------------------------------------------------
+def score_batch_with_rows(scorer: Scorer, items: Sequence[EncodedItem], return_hidden: bool,
+                          layers: Sequence[int]) -> list[ItemScore]:
+    """The scorer's plain path (one padded forward, no prefix sharing) with the attention rows captured.
+
+    Each ItemScore gets ``attention`` (the row over the item's own tokens, (n,) fp32 on CPU), ``reward_index`` (in the
+    item's tokens) and ``attention_entropy`` (nats, of the renormalised weights over the response tokens). The
+    capture only reads q and k, so the reward is bit-identical to the plain path on the same batch.
+    """
+    from rewardkit.core.scoring import ItemScore, pad_batch, reward_indices
+
+    rm = scorer.rm
+    ids, mask, pos = pad_batch(items, rm.pad_token_id, scorer.padding_side, rm.device)
+    idx = reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)  # (B,)
+    with capture(layers, idx) as cap:
+        out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    rows = cap.mean_row().cpu()  # (B, T)
+    hidden = out.last_hidden_state  # (B, T, H)
+    h_r = hidden[torch.arange(len(items), device=hidden.device), idx]  # (B, H)
+    raw = rm.head(h_r).squeeze(-1).float()  # (B,)
+    rewards = scorer.normalise(raw)
+    raw_l, rew_l, idx_l = raw.tolist(), rewards.tolist(), idx.tolist()
+    width = ids.shape[1]
+    result = []
+    for i, it in enumerate(items):
+        n = len(it.input_ids)
+        start = width - n if scorer.padding_side == "left" else 0
+        row = rows[i, start:start + n].clone()  # (n,)
+        r_idx = int(idx_l[i]) - start
+        w = response_weights(it, row, r_idx, renormalize=True)[1]
+        ent = max(0.0, float(-(w[w > 0] * np.log(w[w > 0])).sum())) if w.size else 0.0
+        result.append(ItemScore(reward=rew_l[i], raw_reward=raw_l[i], num_tokens=n, truncated=it.truncated,
+                                hidden=h_r[i].float().cpu() if return_hidden else None,
+                                attention=row, reward_index=r_idx, attention_entropy=ent))
+    return result
+
+
+# --- from the row to the dense reward -------------------------------------------------------------------------------
+def response_weights(enc: EncodedItem, row: torch.Tensor, reward_index: int, renormalize: bool = True
+                     ) -> tuple[list[int], np.ndarray]:
+    """(response token indices, their attention weights a_t) from the row over the item's tokens.
+
+    Tokens after the reward token get 0 (causal). With ``renormalize`` the weights sum to 1 (when any is > 0).
+    """
+    keep = enc.response_token_indices()
+    a = row.double().numpy()[keep] if keep else np.zeros(0)
+    if keep:
+        a = np.where(np.asarray(keep) <= reward_index, a, 0.0)
+    if renormalize and a.size and a.sum() > 0:
+        a = a / a.sum()
+    return keep, a
+
+
+@dataclasses.dataclass
+class DenseResult:
+    """Dense reward over the RM's response tokens. ``spans``: character spans in the response (token pieces outside
+    the response are clipped off); ``tokens``: the response text of each span; ``token_rewards`` sums to ``reward``
+    (renormalised variant)."""
+
+    reward: float
+    token_rewards: np.ndarray  # (n,) float64
+    spans: list[tuple[int, int]]
+    tokens: list[str]
+    weights: np.ndarray  # (n,) the a_t used
+    beta: float
+
+    @property
+    def entropy(self) -> float:
+        w = self.weights[self.weights > 0]
+        return max(0.0, float(-(w * np.log(w)).sum())) if w.size else 0.0
+
+
+def dense_rewards(enc: EncodedItem, score: ItemScore, opts: AbcOptions) -> DenseResult:
+    """r_t = beta a_t R + (1 - beta) R [t = T] over the response tokens (see the module docstring)."""
+    if score.attention is None or score.reward_index is None:
+        raise ConfigError("dense_rewards needs an ItemScore scored with abc_layers (attention rows captured)")
+    keep, a = response_weights(enc, score.attention, score.reward_index, opts.renormalize)
+    big_r = float(score.reward)
+    r = opts.beta * a * big_r
+    if keep:
+        r[-1] += (1.0 - opts.beta) * big_r
+    rs, re_ = enc.response_start, enc.response_end
+    spans = [(max(s, rs) - rs, min(e, re_) - rs) for s, e in (enc.offsets[i] for i in keep)]
+    resp = enc.response
+    return DenseResult(reward=big_r, token_rewards=r, spans=spans, tokens=[resp[s:e] for s, e in spans], weights=a,
+                       beta=opts.beta)
+
+
+# --- the caller's tokens --------------------------------------------------------------------------------------------
+def validate_spans(response: str, spans: Sequence[Sequence[int]], field: str) -> list[tuple[int, int]]:
+    """Check caller spans (character offsets in ``response``): inside it, start < end, increasing, not overlapping,
+    covering every non-whitespace character. Raises InputError naming ``{field}[j]``."""
+    out: list[tuple[int, int]] = []
+    n = len(response)
+    prev_end = 0
+    for j, sp in enumerate(spans):
+        if len(sp) != 2:
+            raise InputError(f"{field}[{j}]: a span is [start, end], got {list(sp)}", field=f"{field}[{j}]")
+        s, e = int(sp[0]), int(sp[1])
+        if not 0 <= s < e <= n:
+            raise InputError(f"{field}[{j}]: span [{s}, {e}] must satisfy 0 <= start < end <= {n} (the response's "
+                             "length in characters)", field=f"{field}[{j}]")
+        if s < prev_end:
+            raise InputError(f"{field}[{j}]: span [{s}, {e}] starts before the previous span ends ({prev_end}); spans "
+                             "must be increasing and not overlap", field=f"{field}[{j}]")
+        for c in range(prev_end, s):  # the gap before this span: whitespace only
+            if not response[c].isspace():
+                raise InputError(f"{field}[{j}]: character {c} ({response[c]!r}) before span [{s}, {e}] is not covered "
+                                 "by any span; spans must cover the response's non-whitespace characters",
+                                 field=f"{field}[{j}]")
+        out.append((s, e))
+        prev_end = e
+    for c in range(prev_end, n):
+        if not response[c].isspace():
+            where = f"{field}[{len(out) - 1}]" if out else field
+            raise InputError(f"{where}: character {c} ({response[c]!r}) after the last span is not covered; spans must "
+                             "cover the response's non-whitespace characters", field=where)
+    return out
+
+
+def project_to_spans(dense: DenseResult, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Rewards over the caller's spans: each RM token's reward is split over the caller spans its characters overlap,
+    in proportion to the overlap. An RM token that overlaps none (whitespace between caller tokens) goes to the next
+    caller span (the previous one at the end), so the sum is kept. Returns (len(spans),) float64."""
+    out = np.zeros(len(spans))
+    if not spans:
+        return out
+    starts = np.asarray([s for s, _ in spans])
+    ends = np.asarray([e for _, e in spans])
+    for (s, e), r in zip(dense.spans, dense.token_rewards, strict=True):
+        ov = np.clip(np.minimum(ends, e) - np.maximum(starts, s), 0, None)  # (K,) characters in common
+        tot = ov.sum()
+        if tot > 0:
+            out += r * ov / tot
+        else:
+            k = int(np.searchsorted(starts, s, side="left"))
+            out[min(k, len(spans) - 1)] += r
+    return out
+
+
+def spans_from_token_strings(response: str, tokens: Sequence[str], field: str) -> list[tuple[int, int]]:
+    """Character spans of the caller's token strings, found left to right in ``response`` (whitespace between them is
+    skipped). Raises InputError naming ``{field}[j]`` for a token that is not found in order."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for j, t in enumerate(tokens):
+        if not t:
+            raise InputError(f"{field}[{j}]: empty token string", field=f"{field}[{j}]")
+        k = pos
+        while k < len(response) and response[k].isspace() and not response.startswith(t, k):
+            k += 1
+        if not response.startswith(t, k):
+            raise InputError(f"{field}[{j}]: token {t!r} does not follow the previous tokens at character {pos}",
+                             field=f"{field}[{j}]")
+        out.append((k, k + len(t)))
+        pos = k + len(t)
+    return out
+
