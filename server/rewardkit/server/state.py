@@ -386,9 +386,10 @@ class RedisState:
             if version is not None and record["version"] != version:
                 # an older version was asked for (the event raced a newer publish): the latest wins
                 log.info("head %s superseded by %s", version, record["version"])
-            weights = await r.get(self._head_key(model_id, record["version"]))
-            if weights is None:
+            raw_weights = await r.get(self._head_key(model_id, record["version"]))
+            if raw_weights is None:
                 return None
+            weights = _as_bytes(raw_weights)
             digest = hashlib.sha256(weights).hexdigest()
             if digest != record["sha256"]:
                 log.error("head model=%s version=%s: sha256 mismatch, ignored", model_id, record["version"])
@@ -468,7 +469,7 @@ class RedisState:
                     gone.append(rid)
                     continue
                 try:
-                    out[rid] = decode_state(raw)
+                    out[rid] = decode_state(_as_bytes(raw))
                 except ValueError as exc:
                     log.warning("drift state of replica %s ignored: %s", rid, exc)
             if gone:
@@ -493,6 +494,11 @@ async def _call(cb: Callable[[Any], Awaitable[None] | None], arg: Any) -> None:
             await res
     except Exception:
         log.exception("redis state callback %s failed", getattr(cb, "__name__", cb))
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    """redis-py returns bytes (no decode_responses); the typing says bytes | str."""
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
 
 def _safe_url(url: str) -> str:
