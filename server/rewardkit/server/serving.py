@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from rewardkit.core.abc import AbcOptions, DenseResult, dense_rewards, project_to_spans, resolve_layers, validate_spans
 from rewardkit.core.errors import InputError
 from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
 from rewardkit.core.loading import RewardModel
@@ -67,6 +68,10 @@ class RewardService:
     # -- model worker side (runs on the scheduler's thread) --------------------------------------------------
     def _run_batch(self, jobs: list[ModelJob]) -> list[ItemScore]:
         hidden = any(j.want_hidden for j in jobs)
+        # -- ABC dense jobs (rewardkit.core.abc): scored apart, on the plain path with the attention row captured --
+        if any(j.dense for j in jobs):
+            return self._run_batch_dense(jobs)
+        # -- end ABC --
         if self.padding_free and not self.settings.prefix_sharing:
             # CPU: a padded batch needs an explicit attention mask, which sends SDPA down its slow masked path
             # (measured: batch 4 is ~25-35% slower per token than single items). One unpadded forward per item
@@ -220,13 +225,81 @@ class RewardService:
     def head_version(self) -> str:
         return str(self.rm.head_version)
 
+    # -- ABC dense rewards (rewardkit.core.abc) ---------------------------------------------------------------
+    # Layer choice and renormalisation are per server (they decide what the worker captures); beta is per request.
+    abc_options: AbcOptions = AbcOptions()
+
+    def _run_batch_dense(self, jobs: list[ModelJob]) -> list[ItemScore]:
+        """Dense jobs go through the plain path with the attention rows captured (never prefix sharing); the others
+        through the normal path. Results come back in the jobs' order."""
+        layers = resolve_layers(self.rm, self.abc_options)
+        hidden = any(j.want_hidden for j in jobs)
+        dense_i = [i for i, j in enumerate(jobs) if j.dense]
+        other_i = [i for i, j in enumerate(jobs) if not j.dense]
+        out: list[ItemScore | None] = [None] * len(jobs)
+        if other_i:
+            for i, s in zip(other_i, self._run_batch([jobs[i] for i in other_i]), strict=True):
+                out[i] = s
+        encs = [jobs[i].enc for i in dense_i]
+        if self.padding_free:  # one unpadded forward per item (see _run_batch)
+            dense = [s for e in encs for s in self.scorer.score_batch([e], return_hidden=hidden, abc_layers=layers)]
+        else:
+            dense = self.scorer.score_batch(encs, return_hidden=hidden, abc_layers=layers)
+        for i, s in zip(dense_i, dense, strict=True):
+            out[i] = s
+        return [s for s in out if s is not None]
+
+    async def _dense(self, items: Sequence[ScoreItem], beta: float, truncate: bool | None, field: str,
+                     caller_spans: Sequence[Sequence[Sequence[int]] | None] | None = None
+                     ) -> list[tuple[EncodedItem, ItemScore, DenseResult, list[tuple[int, int]] | None]]:
+        """Encode, validate caller spans (before any model work), score with rows, build the dense vectors."""
+        t0 = time.monotonic()
+        encs = self.encode(items, truncate, field)
+        spans: list[list[tuple[int, int]] | None] = []
+        for i, enc in enumerate(encs):
+            raw = caller_spans[i] if caller_spans is not None else None
+            spans.append(None if raw is None else validate_spans(
+                enc.response, raw, f"{field}[{i}].response_token_spans"))
+        try:
+            opts = dataclasses.replace(self.abc_options, beta=beta)
+        except InputError as exc:
+            raise BadRequest(exc.message, field="beta") from exc
+        scores = await self.score_encoded(encs, dense=True)
+        if self.metrics is not None:
+            self.metrics.observe_scores(self.rm.model_id, self.rm.head_version, encs, scores, time.monotonic() - t0)
+        self.observe_drift(encs, scores)
+        return [(e, s, dense_rewards(e, s, opts), sp) for e, s, sp in zip(encs, scores, spans, strict=True)]
+
     async def score_dense(self, req: Any, items: Sequence[ScoreItem]) -> list[Any]:
-        """ABC dense rewards (see rewardkit.core.abc)."""
-        raise BadRequest("dense rewards are not available on this server yet", field="dense")
+        """ABC dense rewards for ``POST /v1/rewards`` with ``dense: true`` (see rewardkit.core.abc and docs/abc.md).
+
+        Per item: the scalar reward and the vector over the RM's response tokens (their text and character spans in
+        the response), or, with ``response_token_spans``, the vector projected onto the caller's spans.
+        """
+        from rewardkit.server.protocol import DenseReward, ItemResult
+        from rewardkit.server.routes import encode_vector
+
+        done = await self._dense(items, req.beta, req.truncate, "items",
+                                 [it.response_token_spans for it in req.items])
+        results = []
+        for i, (enc, s, d, sp) in enumerate(done):
+            if sp is None:
+                dense = DenseReward(token_rewards=encode_vector(d.token_rewards, req.encoding_format), tokens=d.tokens,
+                                    spans=d.spans, beta=d.beta)
+            else:
+                dense = DenseReward(token_rewards=encode_vector(project_to_spans(d, sp), req.encoding_format),
+                                    tokens=None, spans=sp, beta=d.beta)
+            results.append(ItemResult(index=i, reward=s.reward, num_tokens=s.num_tokens, truncated=s.truncated,
+                                      dense=dense))
+        return results
 
     async def pooling_token_classify(self, items: Sequence[ScoreItem], beta: float) -> tuple[list[Any], int]:
-        """vLLM ``token_classify``: per-token ABC rewards over each item's tokens."""
-        raise BadRequest("token_classify (dense rewards) is not available on this server yet", field="task")
+        """vLLM ``token_classify``: per item, ``[[r_t], ...]`` over the response tokens (the whole text for ``input``
+        items), the same vector as ``/v1/rewards`` dense. Returns (data, total tokens)."""
+        done = await self._dense(items, beta, None, "input")
+        data = [[[float(x)] for x in d.token_rewards.astype("<f4")] for _, _, d, _ in done]
+        return data, sum(s.num_tokens for _, s, _, _ in done)
+    # -- end ABC ------------------------------------------------------------------------------------------------
 
     def check_model(self, model: str | None, field: str = "model") -> None:
         if model is not None and model not in (self.rm.model_id, "default", ""):
