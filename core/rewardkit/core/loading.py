@@ -50,7 +50,8 @@ class RewardModel:
     @property
     def body(self) -> nn.Module:
         """The transformer without the head (e.g. ``LlamaModel``); returns ``last_hidden_state``."""
-        return self.model.base_model  # type: ignore[no-any-return]
+        body: nn.Module = getattr(self.model, "base_model")  # noqa: B009 (the HF property, typed loosely)
+        return body
 
     @property
     def head(self) -> nn.Linear:

@@ -65,6 +65,7 @@ def make_tiny_reward_model(out_dir: str | Path, arch: str = "llama", hidden: int
     tok = make_tokenizer(chat_template=chat_template)
     torch.manual_seed(seed)
     model: Any
+    cfg: Any
     if arch == "llama":
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
