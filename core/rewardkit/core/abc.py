@@ -57,7 +57,6 @@ __all__ = [
     "resolve_layers",
     "response_weights",
     "score_batch_with_rows",
-    "spans_from_token_strings",
     "validate_spans",
 ]
 
@@ -272,11 +271,17 @@ def dense_rewards(enc: EncodedItem, score: ItemScore, opts: AbcOptions) -> Dense
 
 # --- the caller's tokens --------------------------------------------------------------------------------------------
 def validate_spans(response: str, spans: Sequence[Sequence[int]], field: str) -> list[tuple[int, int]]:
-    """Check caller spans (character offsets in ``response``): inside it, start < end, increasing, not overlapping,
-    covering every non-whitespace character. Raises InputError naming ``{field}[j]``."""
+    """Check caller spans (character offsets in ``response``, Python ``str`` indices, i.e. code points): inside it,
+    start < end, in order, covering every non-whitespace character. Raises InputError naming ``{field}[j]``.
+
+    Spans must not overlap, with one exception real tokenizers need: byte-level BPE splits a multi-byte character
+    over several tokens and reports that character's span for each of them (SmolLM2: ``' ñ'`` (7, 9) then ``'ñ'``
+    (8, 9); ``'🙂'`` twice as (1, 2)). So a span may share its first character with the previous span when that
+    character is multi-byte in UTF-8, provided it does not end before the previous one.
+    """
     out: list[tuple[int, int]] = []
     n = len(response)
-    prev_end = 0
+    prev_s, prev_e = 0, 0
     for j, sp in enumerate(spans):
         if len(sp) != 2:
             raise InputError(f"{field}[{j}]: a span is [start, end], got {list(sp)}", field=f"{field}[{j}]")
@@ -284,17 +289,20 @@ def validate_spans(response: str, spans: Sequence[Sequence[int]], field: str) ->
         if not 0 <= s < e <= n:
             raise InputError(f"{field}[{j}]: span [{s}, {e}] must satisfy 0 <= start < end <= {n} (the response's "
                              "length in characters)", field=f"{field}[{j}]")
-        if s < prev_end:
-            raise InputError(f"{field}[{j}]: span [{s}, {e}] starts before the previous span ends ({prev_end}); spans "
-                             "must be increasing and not overlap", field=f"{field}[{j}]")
-        for c in range(prev_end, s):  # the gap before this span: whitespace only
+        if s < prev_e:
+            split_char = (s == prev_e - 1 and s >= prev_s and e >= prev_e and len(response[s].encode("utf-8")) > 1)
+            if not split_char:
+                raise InputError(f"{field}[{j}]: span [{s}, {e}] overlaps or runs back over the previous span "
+                                 f"[{prev_s}, {prev_e}]; spans must be in order and not overlap (except on one "
+                                 "multi-byte character split between byte-level tokens)", field=f"{field}[{j}]")
+        for c in range(prev_e, s):  # the gap before this span: whitespace only
             if not response[c].isspace():
                 raise InputError(f"{field}[{j}]: character {c} ({response[c]!r}) before span [{s}, {e}] is not covered "
                                  "by any span; spans must cover the response's non-whitespace characters",
                                  field=f"{field}[{j}]")
         out.append((s, e))
-        prev_end = e
-    for c in range(prev_end, n):
+        prev_s, prev_e = s, max(e, prev_e)
+    for c in range(prev_e, n):
         if not response[c].isspace():
             where = f"{field}[{len(out) - 1}]" if out else field
             raise InputError(f"{where}: character {c} ({response[c]!r}) after the last span is not covered; spans must "
@@ -320,23 +328,3 @@ def project_to_spans(dense: DenseResult, spans: Sequence[tuple[int, int]]) -> np
             k = int(np.searchsorted(starts, s, side="left"))
             out[min(k, len(spans) - 1)] += r
     return out
-
-
-def spans_from_token_strings(response: str, tokens: Sequence[str], field: str) -> list[tuple[int, int]]:
-    """Character spans of the caller's token strings, found left to right in ``response`` (whitespace between them is
-    skipped). Raises InputError naming ``{field}[j]`` for a token that is not found in order."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    for j, t in enumerate(tokens):
-        if not t:
-            raise InputError(f"{field}[{j}]: empty token string", field=f"{field}[{j}]")
-        k = pos
-        while k < len(response) and response[k].isspace() and not response.startswith(t, k):
-            k += 1
-        if not response.startswith(t, k):
-            raise InputError(f"{field}[{j}]: token {t!r} does not follow the previous tokens at character {pos}",
-                             field=f"{field}[{j}]")
-        out.append((k, k + len(t)))
-        pos = k + len(t)
-    return out
-
