@@ -66,14 +66,17 @@ def make_tiny_reward_model(out_dir: str | Path, arch: str = "llama", hidden: int
     torch.manual_seed(seed)
     model: Any
     cfg: Any
+    config_cls: Any
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+        config_cls = LlamaConfig
+        cfg = config_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                           max_position_embeddings=4096, num_labels=1, pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
         model = LlamaForSequenceClassification(cfg)
     elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=4096,
+        config_cls = GPT2Config
+        cfg = config_cls(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=4096,
                          num_labels=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                          bos_token_id=tok.bos_token_id)
         model = GPT2ForSequenceClassification(cfg)
