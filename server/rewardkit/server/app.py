@@ -52,20 +52,28 @@ class BodyLimitMiddleware:
                     await self._reject(send)
                     return
         seen = 0
+        rejected = False
 
         async def limited() -> Message:
-            nonlocal seen
+            # A streamed (chunked) body over the limit: answer 413 here and tell the app the client is gone. (Raising
+            # instead would surface in FastAPI's body parsing as a generic 400.)
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge()
+                    rejected = True
+                    await self._reject(send)
+                    return {"type": "http.disconnect"}
             return msg
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
+        async def guarded_send(msg: Message) -> None:
+            if not rejected:  # the 413 already went out; drop what the app answers to the "disconnect"
+                await send(msg)
+
+        await self.app(scope, limited, guarded_send)
 
     async def _reject(self, send: Callable[[Message], Awaitable[None]]) -> None:
         import json
@@ -77,8 +85,71 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class DisconnectMiddleware:
+    """Cancel a request's handler when its client disconnects after sending the body.
+
+    Neither uvicorn nor Starlette cancels a plain endpoint when the client goes away, so an abandoned request would
+    still reach the model. Here a watcher waits on ``receive()`` once the body is read (uvicorn answers it only on a
+    disconnect or when the response is complete); on a disconnect before the response is complete the handler task is
+    cancelled, which cancels its queued futures, and the scheduler drops them before the model. The metrics layer
+    outside sees status 499 (nginx's "client closed request") rather than a 500.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        body_done = asyncio.Event()
+        gone = asyncio.Event()
+        started = finished = False
+
+        async def wrapped_receive() -> Message:
+            if body_done.is_set():  # the watcher owns receive() now
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                gone.set()
+            elif not msg.get("more_body", False):
+                body_done.set()
+            return msg
+
+        async def wrapped_send(msg: Message) -> None:
+            nonlocal started, finished
+            if msg["type"] == "http.response.start":
+                started = True
+            elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                finished = True
+            await send(msg)
+
+        handler = asyncio.ensure_future(self.app(scope, wrapped_receive, wrapped_send))
+
+        async def watch() -> None:
+            await body_done.wait()
+            await receive()  # http.disconnect: the client left, or the response is complete
+            gone.set()
+            if not finished and not handler.done():
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if (me is not None and me.cancelling()) or not gone.is_set() or finished:
+                raise  # our own task is being cancelled (server shutdown): not a client disconnect
+            log.info("client disconnected; request dropped path=%s", scope.get("path"))
+            if not started:
+                await send({"type": "http.response.start", "status": 499, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+            if not handler.done():
+                handler.cancel()
 
 
 def build_service(state: AppState, rm: RewardModel) -> RewardService:
@@ -134,6 +205,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
     app.include_router(routes.router)
     app.include_router(compat.router)
     app.include_router(monitoring.router)
+    app.add_middleware(DisconnectMiddleware)  # type: ignore[arg-type]  # inside the body limit and the metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
     app.add_middleware(monitoring.RequestMetricsMiddleware, state=state)  # type: ignore[arg-type]  # outermost: sees 413s
     return app

@@ -62,7 +62,28 @@ def run(args: argparse.Namespace) -> int:
     # up to 5 ms for the worker's Python-side model code. 0.5 ms keeps HTTP parsing responsive.
     sys.setswitchinterval(0.0005)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), workers=1,
-                access_log=settings.access_log,
-                timeout_graceful_shutdown=int(settings.grace_period_s) or None)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            workers=1, access_log=settings.access_log,
+                            timeout_graceful_shutdown=settings.grace_period_s)  # type: ignore[arg-type]  # a float works
+    _server_class()(config, app.state.rk).run()
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, plus: the moment SIGTERM/SIGINT arrives, readiness says 503 and new work on connections
+        that are still open is refused with 503 + Retry-After (uvicorn then stops accepting, waits up to the grace
+        period for in-flight requests, and runs the app's lifespan shutdown, which drains the scheduler)."""
+
+        def __init__(self, config: uvicorn.Config, state: object) -> None:
+            super().__init__(config)
+            self._rk_state = state
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            self._rk_state.shutting_down = True  # type: ignore[attr-defined]
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    return Server
+

@@ -1,0 +1,341 @@
+"""Hardening against the real server process (tiny Llama model): auth, limits, backpressure, disconnects, SIGTERM,
+crash safety of atomic writes, safe loading.
+
+Each server here is a real ``rewardkit serve`` subprocess (tests.helpers.ServerProcess). ``--max-wait-ms`` is used
+as a lever to keep requests queued (in flight) for a known time without a slow model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rewardkit.client import AsyncRewardClient, AuthenticationError, RewardClient
+from tests.helpers import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+KEYS_ENV = ["env-key-0001", "env-key-0002"]
+KEY_FILE = "file-key-0003"
+
+
+def _metric_sum(text: str, name: str) -> float:
+    """Sum of every sample of ``name`` (all label sets) in Prometheus text format."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Keys from env and file, /metrics behind the key, small limits and a small queue."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    keyfile = tmp / "keys.txt"
+    keyfile.write_text(f"# operator keys\n{KEY_FILE}\n\n")
+    env = {"REWARDKIT_API_KEYS": ",".join(KEYS_ENV), "REWARDKIT_METRICS_REQUIRE_AUTH": "true",
+           "REWARDKIT_MAX_ITEMS_PER_REQUEST": "8", "REWARDKIT_MAX_CHARS_PER_ITEM": "3000",
+           "REWARDKIT_MAX_BODY_BYTES": "65536"}
+    with ServerProcess(tiny_llama_dir, tmp, "--max-length", "64", "--max-queue-items", "4", "--max-wait-ms", "300",
+                       "--api-keys-file", str(keyfile), "--no-truncate", env=env) as srv:
+        yield srv
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# -- 1. authentication ----------------------------------------------------------------------------------------------
+def test_auth_keys_from_env_and_file_and_open_probes(guarded: ServerProcess) -> None:
+    url = guarded.url
+    body = {"items": [{"text": "hello"}]}
+    r = httpx.post(url + "/v1/rewards", json=body)
+    assert r.status_code == 401
+    err = r.json()["error"]
+    assert err["type"] == "unauthorized" and "Authorization: Bearer" in err["message"]
+    for bad in ({"Authorization": "Bearer wrong-key-123"}, {"Authorization": KEYS_ENV[0]},  # no scheme
+                {"Authorization": f"Basic {KEYS_ENV[0]}"}, {"Authorization": f"Bearer {KEYS_ENV[0]}x"}):
+        assert httpx.post(url + "/v1/rewards", json=body, headers=bad).status_code == 401, bad
+    for key in [*KEYS_ENV, KEY_FILE]:  # several keys, from env and file, all accepted
+        assert httpx.post(url + "/v1/rewards", json=body, headers=_auth(key)).status_code == 200, key
+    for path in ("/get_reward", "/pooling", "/classify"):  # compat endpoints are guarded too
+        assert httpx.post(url + path, json={"query": ["x"], "input": "x"}).status_code == 401, path
+    assert httpx.get(url + "/v1/models").status_code == 401
+    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/ready").status_code == 200
+    # /metrics protected separately (REWARDKIT_METRICS_REQUIRE_AUTH=true)
+    assert httpx.get(url + "/metrics").status_code == 401
+    assert httpx.get(url + "/metrics", headers=_auth(KEY_FILE)).status_code == 200
+    # the typed client error
+    with RewardClient(url, api_key="not-a-valid-key") as rk, pytest.raises(AuthenticationError):
+        rk.score(texts=["x"])
+    with RewardClient(url, api_key=KEYS_ENV[1]) as rk:
+        assert len(rk.score(texts=["x", "y"])) == 2
+    # keys never reach the log, and neither do the bad keys we sent
+    logs = guarded.logs()
+    for secret in [*KEYS_ENV, KEY_FILE, "wrong-key-123", "not-a-valid-key"]:
+        assert secret not in logs
+
+
+def test_metrics_open_when_not_required(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Keys set but metrics_require_auth off: /metrics answers without a key, /v1 does not; and binding beyond
+    loopback with keys set does not warn."""
+    with ServerProcess(tiny_llama_dir, tmp_path, "--host", "0.0.0.0",
+                       env={"REWARDKIT_API_KEYS": json.dumps(KEYS_ENV)}) as srv:
+        assert httpx.get(srv.url + "/metrics").status_code == 200
+        assert httpx.post(srv.url + "/v1/rewards", json={"items": [{"text": "a"}]}).status_code == 401
+        assert "WITHOUT API keys" not in srv.logs()
+
+
+# -- 2. limits ------------------------------------------------------------------------------------------------------
+def test_each_limit_is_a_4xx_naming_the_limit(guarded: ServerProcess) -> None:
+    url, h = guarded.url, _auth(KEYS_ENV[0])
+    cases = [
+        ({"items": [{"text": "a"}] * 9}, 413, "max_items_per_request=8"),
+        ({"items": [{"text": "a" * 3001}]}, 413, "max_chars_per_item=3000"),
+        ({"items": [{"prompt": "word " * 200, "response": "x"}]}, 422, "max_length=64"),  # --no-truncate
+        ({"query": ["a"] * 9}, 413, "max_items_per_request=8"),
+    ]
+    for body, status, name in cases:
+        path = "/get_reward" if "query" in body else "/v1/rewards"
+        r = httpx.post(url + path, json=body, headers=h)
+        assert r.status_code == status, (name, r.text)
+        assert name in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["field"]
+    # body size: by Content-Length before reading, and by counting a chunked body without Content-Length
+    r = httpx.post(url + "/v1/rewards", content=b"x" * 70_000, headers={**h, "content-type": "application/json"})
+    assert r.status_code == 413 and "max_body_bytes=65536" in r.json()["error"]["message"]
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(20):
+            yield b"y" * 8192
+
+    r = httpx.post(url + "/v1/rewards", content=chunks(), headers={**h, "content-type": "application/json"})
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+    assert httpx.post(url + "/v1/rewards", json={"items": [{"text": "ok"}]}, headers=h).status_code == 200
+
+
+# -- 3. backpressure ------------------------------------------------------------------------------------------------
+def test_full_queue_is_429_with_retry_after_and_client_retries(guarded: ServerProcess) -> None:
+    url, h = guarded.url, _auth(KEYS_ENV[0])
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            return list(await asyncio.gather(*(
+                c.post(url + "/v1/rewards", json={"items": [{"text": f"burst {i}"}] * 3}, headers=h) for i in range(6))))
+
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+    r429 = next(r for r in asyncio.run(burst()) if r.status_code == 429)
+    assert int(r429.headers["Retry-After"]) >= 1
+    assert "max_queue_items=4" in r429.json()["error"]["message"]
+
+    async def with_client() -> list[list[float]]:
+        async with AsyncRewardClient(url, api_key=KEYS_ENV[0], max_retries=20, max_retry_wait=60) as rk:
+            return list(await asyncio.gather(*(rk.score(texts=[f"retry {i}"] * 3) for i in range(6))))
+
+    t0 = time.monotonic()
+    outs = asyncio.run(with_client())
+    assert all(len(o) == 3 for o in outs)
+    assert time.monotonic() - t0 >= 1.0  # at least one Retry-After (1 s) was honoured
+
+
+# -- 3b. a request whose client went away is dropped before the model ------------------------------------------------
+def _raw_post_then_close(port: int, path: str, body: bytes, headers: dict[str, str], hold_s: float) -> None:
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(hold_s)  # the request is queued now; hang up before the batcher's window closes
+
+
+def test_disconnected_request_is_dropped_before_the_model(guarded: ServerProcess) -> None:
+    url, h = guarded.url, _auth(KEYS_ENV[0])
+    before = _metric_sum(httpx.get(url + "/metrics", headers=h).text, "rewardkit_batch_size_sum")
+    body = json.dumps({"items": [{"text": "abandoned"}] * 2}).encode()
+    _raw_post_then_close(guarded.port, "/v1/rewards", body, h, hold_s=0.1)  # batch window is 300 ms
+    time.sleep(0.8)
+    r = httpx.post(url + "/v1/rewards", json={"items": [{"text": "kept"}]}, headers=h)
+    assert r.status_code == 200
+    after = _metric_sum(httpx.get(url + "/metrics", headers=h).text, "rewardkit_batch_size_sum")
+    assert after - before == 1, f"the model ran {after - before} items; the 2 abandoned ones must be dropped"
+
+
+# -- 4. graceful shutdown -------------------------------------------------------------------------------------------
+def test_sigterm_drains_in_flight_refuses_new_and_exits_in_grace(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    srv = ServerProcess(tiny_llama_dir, tmp_path, "--host", "0.0.0.0", "--max-wait-ms", "1500",
+                        "--grace-period-s", "6")
+    srv.start()
+    try:
+        # binding beyond loopback without keys: loud warning
+        assert "WITHOUT API keys" in srv.logs()
+        results: list[object] = [None] * 8
+
+        def one(i: int) -> None:
+            try:
+                results[i] = httpx.post(srv.url + "/v1/rewards", json={"items": [{"text": f"in flight {i}"}]},
+                                        timeout=30).status_code
+            except Exception as exc:  # a reset or a dropped connection is a failure of this test
+                results[i] = repr(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # all 8 are queued in the 1.5 s batch window
+        # a request whose body is still arriving when SIGTERM comes: new work, refused with 503 + Retry-After
+        late = socket.create_connection(("127.0.0.1", srv.port))
+        body = json.dumps({"items": [{"text": "too late"}]}).encode()
+        late.sendall(f"POST /v1/rewards HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:5])
+        time.sleep(0.2)
+        t_sig = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:  # a new connection: refused (the listener is closed) or 503; never a 200
+            assert httpx.get(srv.url + "/ready", timeout=2).status_code == 503
+        except httpx.TransportError:
+            pass
+        late.sendall(body[5:])
+        late.settimeout(10)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = late.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        late.close()
+        head = answer.split(b"\r\n\r\n")[0].decode().lower()
+        assert head.startswith("http/1.1 503") and "retry-after:" in head, answer[:300]
+        for t in threads:
+            t.join(30)
+        assert srv.proc is not None
+        rc = srv.proc.wait(15)
+        elapsed = time.monotonic() - t_sig
+        assert results == [200] * 8, results
+        assert elapsed < 6 + 2, elapsed
+        assert rc in (0, -signal.SIGTERM), rc
+        assert "shutdown complete" in srv.logs()
+    finally:
+        srv.stop()
+
+
+def test_sigterm_past_grace_period_exits_anyway(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A request that cannot finish inside the grace period does not keep the process alive."""
+    srv = ServerProcess(tiny_llama_dir, tmp_path, "--max-wait-ms", "8000", "--grace-period-s", "0.5")
+    srv.start()
+    try:
+        th = threading.Thread(target=lambda: _swallow(srv.url), daemon=True)
+        th.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        assert srv.proc is not None
+        srv.proc.wait(15)
+        assert time.monotonic() - t0 < 0.5 + 3  # uvicorn's wait + the lifespan drain, each bounded by the grace
+    finally:
+        srv.stop()
+
+
+def _swallow(url: str) -> None:
+    try:
+        httpx.post(url + "/v1/rewards", json={"items": [{"text": "slow"}]}, timeout=30)
+    except httpx.HTTPError:
+        pass
+
+
+# -- 5. crash safety of atomic writes -------------------------------------------------------------------------------
+_WRITER = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from rewardkit.core.checkpoint import atomic_save_safetensors
+    from rewardkit.core.r2m import R2MConfig, R2MHead, save_head
+    out = Path(sys.argv[1])
+    cfg = R2MConfig(d_rm=256, d_policy=256, d_attn=512)  # ~2 MB per head file: a write takes a while
+    head = R2MHead(cfg)
+    i = 0
+    while True:
+        i += 1
+        save_head(head, out / "head.safetensors", version=i, round=i)
+        atomic_save_safetensors({"weight": torch.full((1, 300_000), float(i))}, out / "scalar.safetensors",
+                                metadata={"version": str(i)})
+        print(i, flush=True)
+""")
+
+
+def test_atomic_head_files_survive_kill_9_mid_write(tmp_path: Path) -> None:
+    """A process saving an R2M head and a scalar head in a loop is killed with SIGKILL at arbitrary moments (5 times,
+    restarting on the same files); every time, both files load, each holds one complete version, and that version
+    is the last one the writer reported or the one after (killed between the rename and the print)."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from rewardkit.core.r2m import load_head
+
+    rng = random.Random(0)
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # at least one complete version of each file exists
+        assert first.strip() == "1", first
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.kill()  # SIGKILL: no cleanup handlers run
+        rest = proc.stdout.read()
+        proc.wait()
+        last = int(([first, *rest.split()])[-1])
+        _, meta = load_head(tmp_path / "head.safetensors")
+        assert last <= meta["version"] <= last + 1
+        scalar = load_file(str(tmp_path / "scalar.safetensors"))["weight"]
+        v = float(scalar[0, 0])
+        assert last <= v <= last + 1 and bool((scalar == v).all())  # not a mix of two versions
+    # temp files of killed writes are named .<name>.*.tmp: never the file a loader opens
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")} == {"head.safetensors",
+                                                                                  "scalar.safetensors"}
+
+
+def test_model_paths_only_from_operator_config(guarded: ServerProcess) -> None:
+    """No request field anywhere in the OpenAPI schema can name a file, directory or model path."""
+    schema = httpx.get(guarded.url + "/openapi.json").json()
+    names: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.get("properties", {}).items():
+                names.add(k.lower())
+                walk(v)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema.get("components", {}).get("schemas", {}))
+    for p in schema["paths"].values():
+        for op in p.values():
+            for prm in op.get("parameters", []):
+                names.add(prm["name"].lower())
+    forbidden = re.compile(r"path|dir|file|checkpoint|url|revision|trust|remote|gguf|hub")
+    assert names and not [n for n in names if forbidden.search(n)], sorted(names)
+
+
+def test_trust_remote_code_off_by_default(tiny_llama_dir: Path) -> None:
+    from rewardkit.server.settings import Settings
+
+    assert Settings().trust_remote_code is False
+    out = subprocess.run([sys.executable, "-m", "rewardkit.cli", "serve", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert "--trust-remote-code" not in out.stdout  # only the operator's env/config can turn it on
