@@ -207,6 +207,8 @@ class RedisState:
             self._mark_up()
         except _FAILURES as exc:
             self._mark_down("connect", exc)
+            log.warning("redis not reachable at %s (%s: %s); serving without it, retrying in the background",
+                        _safe_url(self.url), type(exc).__name__, exc)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="rewardkit-redis-state")
         return self.available
