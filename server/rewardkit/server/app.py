@@ -20,6 +20,7 @@ from rewardkit.server import compat, monitoring, routes
 from rewardkit.server.deps import AppState
 from rewardkit.server.errors import error_body, install_error_handlers
 from rewardkit.server.metrics import Metrics
+from rewardkit.server.r2m import routes as r2m_routes
 from rewardkit.server.serving import RewardService
 from rewardkit.server.settings import Settings
 
@@ -33,13 +34,14 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 class BodyLimitMiddleware:
     """Refuse bodies over ``max_bytes`` with 413 before they are buffered (Content-Length or streamed count)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt_prefixes = exempt_prefixes  # streamed routes that enforce their own limits (R2M frames)
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path", "").startswith(self.exempt_prefixes or ("\0",)):
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
@@ -173,6 +175,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
                 trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
             state.service = build_service(state, model)
             await monitoring.attach_service(state)  # Redis score cache + latest published head, when configured
+            await r2m_routes.attach(state)  # R2M store, feedback queue, background updater (rewardkit.server.r2m)
             log.info("ready model=%s head_version=%s", model.model_id, model.head_version)
         except Exception as exc:  # keep serving /health and say why /ready fails
             state.load_error = f"{type(exc).__name__}: {exc}"
@@ -192,6 +195,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
             state.shutting_down = True
             if loader is not None and not loader.done():
                 loader.cancel()
+            await r2m_routes.detach(state)  # stop the updater after its update in flight is on disk
             if state.service is not None:
                 await state.service.scheduler.stop(drain_timeout=settings.grace_period_s)
             await monitoring.stop_redis(state)
@@ -205,7 +209,9 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
     app.include_router(routes.router)
     app.include_router(compat.router)
     app.include_router(monitoring.router)
+    app.include_router(r2m_routes.router)
     app.add_middleware(DisconnectMiddleware)  # type: ignore[arg-type]  # inside the body limit and the metrics
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,  # type: ignore[arg-type]
+                       exempt_prefixes=("/v1/r2m/feedback", "/v1/r2m/rewards"))  # r2m_max_stream_bytes applies
     app.add_middleware(monitoring.RequestMetricsMiddleware, state=state)  # type: ignore[arg-type]  # outermost: sees 413s
     return app
