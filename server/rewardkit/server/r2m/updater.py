@@ -216,7 +216,7 @@ class R2MUpdater:
     # -- one update --------------------------------------------------------------------------------------------
     def _apply(self, keys: list[str]) -> list[str]:
         groups = [(k, self._pending.pop(k)) for k in keys]
-        samples = [s for _, g in groups for _, s in sorted(g.members.items())]
+        samples = [s for _, g in groups for _, (_, s) in sorted(g.members.items())]
         ids = [eid for _, g in groups for eid, _ in g.members.values()]
         group_ids = [k for k, g in groups for _ in g.members]
         t0 = time.perf_counter()
