@@ -159,8 +159,7 @@ def test_truncated_binary_frames_to_r2m_endpoints(client: TestClient) -> None:
 
     from rewardkit.core import wire
 
-    frame = wire.encode_frame(np.zeros((3, 8), dtype="<f4"), {"group": "g", "reward": 0.0}) \
-        if hasattr(wire, "encode_frame") else b"RKF1" + b"\x00" * 64
+    frame = wire.encode_stream([({"group_id": "g", "index": 0, "round": 0}, np.zeros((3, 8), dtype="<f4"), "float32")])
     bodies = [frame[:k] for k in (0, 1, 3, 4, 7, 8, 16, len(frame) // 2, len(frame) - 1)]
     bodies += [b"RKF1" + b"\xff" * 12, b"RKF1" + (2**31).to_bytes(4, "little") * 4, b"\x00" * 100]
     for path in paths:
