@@ -211,7 +211,7 @@ class R2MService:
             self._raise_kept(error, accepted)
         resp = FeedbackResponse(accepted_frames=accepted, bytes=nbytes, queue=self.queue.kind,
                                 head_version=self.updater.active.version)
-        if flush:
+        if flush:  # a stream with no frame flushes every pending group
             await self._flush(sorted(set(keys)), resp)
         return resp
 

@@ -178,7 +178,7 @@ class R2MUpdater:
                     ready.append(key)
             elif e.flush_keys or e.flush_id:
                 rejected: list[dict[str, Any]] = []
-                for key in e.flush_keys:
+                for key in (e.flush_keys or list(self._pending)):  # no keys: every pending group
                     g = self._pending.get(key)
                     if g is None or key in ready:
                         continue

@@ -1,0 +1,93 @@
+"""R2M over HTTP against the real server process and a real redis-server: stream feedback with the client, see
+new head versions, score with them, kill -9 the server mid-run and restart: nothing lost, nothing applied twice."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from rewardkit.client.feedback import FeedbackStream, r2m_rewards
+from tests.helpers import RedisProcess, ServerProcess, free_port, require_redis
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+D_P = 12
+ENV = {"REWARDKIT_R2M_POLICY_HIDDEN_SIZE": str(D_P), "REWARDKIT_R2M_D_ATTN": "8", "REWARDKIT_R2M_LR": "0.01",
+       "REWARDKIT_R2M_GROUP_SIZE": "4", "REWARDKIT_R2M_TOTAL_ROUNDS": "10"}
+
+
+def _heads(url: str) -> dict:
+    return httpx.get(url + "/v1/r2m/heads", timeout=10).json()
+
+
+def _wait(pred, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def _send(fs: FeedbackStream, group: str, indices: range, rnd: int = 3) -> None:
+    rng = np.random.default_rng(abs(hash(group)) % 2**32)
+    for i in indices:
+        fs.add(group, i, rnd, rng.normal(size=(5 + i, D_P)).astype(np.float32),
+               {"prompt": f"Prompt {group}", "response": f"response {i} " * (i + 1)})
+
+
+def _applied_groups(url: str) -> list[int]:
+    return [h["groups"] for h in _heads(url)["heads"]]
+
+
+def test_stream_score_kill9_restart_exactly_once(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    require_redis()
+    with RedisProcess(tmp_path) as rp:
+        port = free_port()
+        srv = ServerProcess(tiny_llama_dir, tmp_path, "--redis-url", rp.url, "--max-length", "128", env=ENV,
+                            port=port).start()
+        try:
+            with FeedbackStream(srv.url, dtype="bfloat16", batch_frames=5) as fs:
+                for g in ("a", "b", "c"):
+                    _send(fs, g, range(4))
+                fs.flush(complete_groups=False)
+            _wait(lambda: sum(_applied_groups(srv.url)) == 3)
+            active = _heads(srv.url)["active"]
+            assert active != "r2m-000000"
+            rng = np.random.default_rng(0)
+            out = r2m_rewards(srv.url, ["p", "p"], [0, 1], 3, [rng.normal(size=(4, D_P)) for _ in range(2)],
+                              [{"prompt": "Q", "response": "yes"}, {"prompt": "Q", "response": "no"}])
+            assert out["head_version"] == active and len(out["rewards"]) == 2
+            assert all(np.isfinite(out["rewards"]))
+            # three of four members of group "d" are accepted, then the server dies without warning
+            with FeedbackStream(srv.url, batch_frames=8) as fs:
+                _send(fs, "d", range(3))
+            srv.signal(signal.SIGKILL)
+            srv.proc.wait()  # type: ignore[union-attr]
+        finally:
+            srv.stop()
+        r = redis.Redis.from_url(rp.url)
+        stream = next(k for k in r.scan_iter(match="*:r2m:*:feedback"))
+        assert r.xpending(stream, "r2m-updater")["pending"] == 3  # delivered to the updater, never acknowledged
+
+        srv2 = ServerProcess(tiny_llama_dir, tmp_path, "--redis-url", rp.url, "--max-length", "128", env=ENV,
+                             port=port).start()  # same port -> same state dir
+        try:
+            assert _heads(srv2.url)["active"] == active  # the active head survived
+            with FeedbackStream(srv2.url) as fs:
+                _send(fs, "d", range(3, 4))  # the last member arrives after the restart
+                _send(fs, "a", range(4))  # a client retry of an applied group: must not apply again
+            _wait(lambda: sum(_applied_groups(srv2.url)) == 4)
+            time.sleep(1.0)  # give a wrong second application of "a" time to show up
+            heads = _heads(srv2.url)["heads"]
+            assert sum(h["groups"] for h in heads) == 4  # a, b, c, d: each once
+            _wait(lambda: r.xpending(stream, "r2m-updater")["pending"] == 0)
+            assert r.xlen(stream) == 0  # acknowledged and deleted
+        finally:
+            srv2.stop()
