@@ -12,7 +12,14 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from rewardkit.core.abc import AbcOptions, DenseResult, dense_rewards, project_to_spans, resolve_layers, validate_spans
+from rewardkit.core.abc import (
+    AbcOptions,
+    DenseResult,
+    dense_rewards,
+    project_to_spans,
+    resolve_layers,
+    validate_spans,
+)
 from rewardkit.core.errors import InputError
 from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
 from rewardkit.core.loading import RewardModel
@@ -282,7 +289,7 @@ class RewardService:
         done = await self._dense(items, req.beta, req.truncate, "items",
                                  [it.response_token_spans for it in req.items])
         results = []
-        for i, (enc, s, d, sp) in enumerate(done):
+        for i, (_enc, s, d, sp) in enumerate(done):
             if sp is None:
                 dense = DenseReward(token_rewards=encode_vector(d.token_rewards, req.encoding_format), tokens=d.tokens,
                                     spans=d.spans, beta=d.beta)
