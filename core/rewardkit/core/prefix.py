@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MIN_PREFIX = 16
 DEFAULT_MAX_GROUP = 256
 DEFAULT_MAX_KV_TOKENS = 32768  # rows x (P + C) per completion chunk: bounds the expanded cache's memory
+DEFAULT_MAX_PADDING = 0.25  # largest share of padded completion positions in one chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ class PrefixStats:
     """Cumulative counters of one scorer (read by the metrics layer; not thread-safe across scorers).
 
     ``tokens_total``: tokens of the items scored through groups; ``tokens_computed``: tokens the model actually ran
-    over for them (one prefix + completions cut at the reward token); ``prefix_tokens_saved``: sum of (G - 1) * P.
+    over for them (one prefix + completions cut at the reward token); ``prefix_tokens_saved``: sum of (G - 1) * P;
+    ``forwards``: model forwards of the prefix path (one per prefix, one per completion chunk).
     """
 
     batches: int = 0
@@ -78,6 +80,7 @@ class PrefixStats:
     prefix_tokens_saved: int = 0
     tokens_total: int = 0
     tokens_computed: int = 0
+    forwards: int = 0
     fallbacks: int = 0
 
     def snapshot(self) -> PrefixStats:
@@ -149,13 +152,17 @@ def reward_index(ids: Sequence[int], pad_token_id: int, rule: str) -> int:
 class PrefixSharer:
     """Holds the support decision (per model), the counters and the knobs of one scorer's prefix path."""
 
-    def __init__(self, min_prefix: int = DEFAULT_MIN_PREFIX, max_kv_tokens: int = DEFAULT_MAX_KV_TOKENS) -> None:
+    def __init__(self, min_prefix: int = DEFAULT_MIN_PREFIX, max_kv_tokens: int = DEFAULT_MAX_KV_TOKENS,
+                 max_padding: float = DEFAULT_MAX_PADDING) -> None:
         if min_prefix < 1:
             raise ValueError(f"min_prefix must be >= 1, got {min_prefix}")
         if max_kv_tokens < 1:
             raise ValueError(f"max_kv_tokens must be >= 1, got {max_kv_tokens}")
+        if not 0.0 <= max_padding <= 1.0:
+            raise ValueError(f"max_padding must be in [0, 1], got {max_padding}")
         self.min_prefix = min_prefix
         self.max_kv_tokens = max_kv_tokens
+        self.max_padding = max_padding
         self.stats = PrefixStats()
         self._support: dict[int, bool] = {}  # id(model) -> supported
         self._lock = threading.Lock()
@@ -189,13 +196,22 @@ class PrefixSharer:
         result: list[torch.Tensor | None] = [h_prefix[r] if r < p else None for r in ridx]
         need = [k for k, r in enumerate(ridx) if r >= p]  # members whose reward token lies in their completion
         self.stats.tokens_computed += p
-        # Longest completions first so that a chunk's rows have similar widths.
+        self.stats.forwards += 1
+        # Longest completions first; a chunk grows while its padding stays under max_padding and its expanded
+        # cache under max_kv_tokens, so completions of very different lengths do not pad each other.
         need.sort(key=lambda k: -ridx[k])
         start = 0
         while start < len(need):
             width = ridx[need[start]] - p + 1
-            rows = max(1, min(len(need) - start, self.max_kv_tokens // (p + width)))
-            chunk = need[start:start + rows]
+            stop, real = start + 1, width
+            while stop < len(need) and (stop - start + 1) * (p + width) <= self.max_kv_tokens:
+                c = ridx[need[stop]] - p + 1
+                if 1 - (real + c) / ((stop - start + 1) * width) > self.max_padding:
+                    break
+                real += c
+                stop += 1
+            chunk = need[start:stop]
+            rows = len(chunk)
             h_chunk = self._run_completions(rm, cache, p, [members[k].input_ids[p:ridx[k] + 1] for k in chunk])
             for row, k in enumerate(chunk):
                 result[k] = h_chunk[row]
@@ -226,6 +242,7 @@ class PrefixSharer:
             cache.batch_select_indices(torch.tensor([0], device=dev))  # type: ignore[attr-defined]  # (1, kv, P, d)
         last = torch.tensor([len(t) - 1 for t in tails], device=dev)  # (n,)
         self.stats.tokens_computed += sum(len(t) for t in tails)
+        self.stats.forwards += 1
         return out.last_hidden_state[torch.arange(n, device=dev), last]  # (n, H)
 
 
@@ -307,6 +324,25 @@ def score_with_shared_prefixes(scorer: Scorer, items: Sequence[EncodedItem],
     rest = [i for i in range(len(items)) if i not in grouped]
     if rest:
         for i, s in zip(rest, scorer.score_batch([items[i] for i in rest], return_hidden=return_hidden), strict=True):
+            out[i] = s
+    assert all(s is not None for s in out)
+    return out  # type: ignore[return-value]
+
+
+def score_unpadded(scorer: Scorer, items: Sequence[EncodedItem], return_hidden: bool = False) -> list[ItemScore]:
+    """Padding-free scoring (CPU): each prefix group as one ``score_batch`` call (shared prefix), every other item
+    alone (an unpadded forward keeps SDPA's causal kernel). Results in the order of ``items``.
+    """
+    groups = find_prefix_groups([it.input_ids for it in items], scorer.prefix.min_prefix) \
+        if scorer.prefix_sharing and len(items) > 1 else []
+    if groups and not scorer.prefix.supported(scorer.rm):
+        groups = []
+    parts = [list(g.indices) for g in groups]
+    grouped = {i for g in groups for i in g.indices}
+    parts += [[i] for i in range(len(items)) if i not in grouped]
+    out: list[ItemScore | None] = [None] * len(items)
+    for part in parts:
+        for i, s in zip(part, scorer.score_batch([items[i] for i in part], return_hidden=return_hidden), strict=True):
             out[i] = s
     assert all(s is not None for s in out)
     return out  # type: ignore[return-value]

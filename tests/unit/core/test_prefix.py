@@ -217,3 +217,34 @@ def test_probe_accepts_llama_and_gpt2(tiny_llama_dir: Path, tiny_gpt2_dir: Path)
     for d in (tiny_llama_dir, tiny_gpt2_dir):
         ok, why = probe_support(load_reward_model(d))
         assert ok, why
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 1.0])
+def test_padding_cap_splits_completion_chunks(max_padding: float, tiny_llama_dir: Path) -> None:
+    rm = load_reward_model(tiny_llama_dir)
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    items = [fmt.encode(ScoreItem(prompt=PROMPT, response=c)) for c in COMPLETIONS[:4]]  # 4 distinct lengths
+    scorer = Scorer(rm)
+    scorer.prefix.max_padding = max_padding
+    got = [s.reward for s in scorer.score_batch(items)]
+    _, ref = plain_and_reference(rm, items, "right")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=ATOL, rtol=RTOL)
+    # one prefix forward + one chunk per distinct length (no padding allowed) or a single chunk (any padding)
+    assert scorer.prefix.stats.forwards == (1 + 4 if max_padding == 0.0 else 1 + 1)
+
+
+def test_score_unpadded_groups_and_singles(tiny_gpt2_dir: Path) -> None:
+    from rewardkit.core.prefix import score_unpadded
+
+    rm = load_reward_model(tiny_gpt2_dir)
+    items = grpo_items(rm)
+    scorer = Scorer(rm)
+    got = score_unpadded(scorer, items, return_hidden=True)
+    _, ref = plain_and_reference(rm, items, "right")
+    torch.testing.assert_close(torch.tensor([s.reward for s in got]), torch.tensor(ref), atol=ATOL, rtol=RTOL)
+    assert all(s.hidden is not None for s in got)
+    assert scorer.prefix.stats.groups >= 3
+    off = Scorer(rm, prefix_sharing=False)
+    got_off = [s.reward for s in score_unpadded(off, items)]
+    torch.testing.assert_close(torch.tensor(got_off), torch.tensor(ref), atol=ATOL, rtol=RTOL)
+    assert off.prefix.stats.groups == 0
