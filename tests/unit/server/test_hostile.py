@@ -33,8 +33,11 @@ def client(tiny_llama_dir: Path) -> Iterator[TestClient]:
 
 
 def _post_paths(client: TestClient) -> list[str]:
-    return sorted({r.path for r in client.app.routes  # type: ignore[attr-defined]
-                   if "POST" in getattr(r, "methods", set()) and "{" not in r.path})
+    """Every POST path of the app's own OpenAPI schema (path parameters filled with a dummy value)."""
+    import re
+
+    paths = client.app.openapi()["paths"]  # type: ignore[attr-defined]
+    return sorted(re.sub(r"\{[^}]+\}", "x", p) for p, ops in paths.items() if "post" in ops)
 
 
 def _nested(depth: int) -> bytes:
@@ -95,7 +98,7 @@ def test_hostile_json_never_500(client: TestClient, name: str) -> None:
             assert err.type and err.message
         if name.startswith("lone_surrogate") and path in SCORING:
             assert r.status_code == 422, (name, path, r.text)  # never scored
-        if name == "over_body":
+        if name == "over_body" and path in SCORING:  # (streamed R2M routes have their own stream limit)
             assert r.status_code == 413 and f"max_body_bytes={MAX_BODY}" in r.json()["error"]["message"]
     assert client.post("/v1/rewards", json={"items": [{"text": "still alive"}]}).status_code == 200
 
