@@ -346,3 +346,12 @@ def score_unpadded(scorer: Scorer, items: Sequence[EncodedItem], return_hidden: 
             out[i] = s
     assert all(s is not None for s in out)
     return out  # type: ignore[return-value]
+
+
+def prefix_key(item: EncodedItem, min_prefix: int = DEFAULT_MIN_PREFIX) -> int | None:
+    """A batching key: hash of the ids before the response (the prompt), or None when that prompt is shorter than
+    ``min_prefix`` tokens. Items with equal keys (a GRPO group) should share a batch so the prompt runs once.
+    """
+    first = next((i for i, (s, e) in enumerate(item.offsets) if e > s and e > item.response_start), None)
+    n = len(item.input_ids) if first is None else first
+    return hash(item.input_ids[:n]) if n >= min_prefix else None

@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
@@ -40,6 +40,7 @@ class Job(Generic[P]):
     future: asyncio.Future[Any]
     enqueued: float
     deadline: float
+    key: Hashable | None = None  # prefix-group key (see Scheduler's group_key)
 
 
 @dataclasses.dataclass
@@ -50,15 +51,25 @@ class BatchStats:
     queue_wait_s: list[float]
     seconds: float
 
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the batch's padded positions (size x longest item) that are padding."""
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
 
 def select_batch(lengths: Sequence[int], ages: Sequence[float], max_tokens: int, max_size: int,
-                 max_padding: float = 1.0) -> list[int]:
+                 max_padding: float = 1.0, keys: Sequence[Hashable | None] | None = None) -> list[int]:
     """Pick indices for one batch: the oldest item plus neighbours in length order, under the padded-token budget.
 
     ``ages``: enqueue times (smaller = older). ``max_padding``: the largest padded fraction a batch may reach (an
-    item that would push it higher waits for a better-matched batch). Returns indices into ``lengths``; always at
-    least one.
+    item that would push it higher waits for a better-matched batch). ``keys``: a prefix-group key per item (None:
+    none); pending items sharing a key with a chosen one join the batch too, past the padding cap but within the
+    token and size budgets (a GRPO group scored together runs its prompt once). Returns indices into ``lengths``;
+    always at least one.
     """
+    if keys is not None:
+        return _with_prefix_mates(select_batch(lengths, ages, max_tokens, max_size, max_padding), lengths, ages,
+                                  keys, max_tokens, max_size)
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], ages[i]))
     oldest = min(range(len(lengths)), key=lambda i: ages[i])
     pos = order.index(oldest)
@@ -84,14 +95,36 @@ def select_batch(lengths: Sequence[int], ages: Sequence[float], max_tokens: int,
     return [order[k] for k in range(lo, hi + 1)]
 
 
+def _with_prefix_mates(idx: list[int], lengths: Sequence[int], ages: Sequence[float],
+                       keys: Sequence[Hashable | None], max_tokens: int, max_size: int) -> list[int]:
+    """Add the pending items that share a prefix key with the chosen ones (the oldest's group first, then by age)."""
+    chosen = set(idx)
+    oldest = min(idx, key=lambda i: ages[i])
+    wanted = [keys[i] for i in sorted(idx, key=lambda i: ages[i]) if keys[i] is not None]
+    rank = {k: r for r, k in reversed(list(enumerate(wanted)))}  # the oldest item's key ranks first
+    mates = sorted((j for j in range(len(lengths)) if j not in chosen and keys[j] in rank),
+                   key=lambda j: (rank[keys[j]], ages[j]))
+    width = max(lengths[i] for i in idx)
+    out = list(idx)
+    for j in mates:
+        w = max(width, lengths[j])
+        if len(out) >= max_size or w * (len(out) + 1) > max_tokens:
+            continue
+        out.append(j)
+        width = w
+    assert oldest in out
+    return out
+
+
 class Scheduler(Generic[P, R]):
     """Batches jobs across requests and runs ``batch_fn`` on a single worker thread."""
 
     def __init__(self, batch_fn: Callable[[list[P]], list[R]], *, max_batch_tokens: int, max_batch_size: int,
                  max_wait_s: float, max_queue_items: int,
                  on_batch: Callable[[BatchStats], None] | None = None, inline: bool = False,
-                 max_padding: float = 1.0) -> None:
+                 max_padding: float = 1.0, group_key: Callable[[P], Hashable | None] | None = None) -> None:
         self._batch_fn = batch_fn
+        self._group_key = group_key  # prefix-group key of a payload (rewardkit.core.prefix): mates share a batch
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -143,7 +176,8 @@ class Scheduler(Generic[P, R]):
         futs: list[asyncio.Future[R]] = []
         for p, n in zip(payloads, lengths, strict=True):
             fut: asyncio.Future[R] = loop.create_future()
-            self._pending.append(Job(p, n, fut, now, now + timeout_s))
+            key = None if self._group_key is None else self._group_key(p)
+            self._pending.append(Job(p, n, fut, now, now + timeout_s, key))
             futs.append(fut)
         self._wakeup.set()
         return futs
@@ -181,8 +215,9 @@ class Scheduler(Generic[P, R]):
             self._drop_dead()
             if not self._pending:
                 continue
+            keys = None if self._group_key is None else [j.key for j in self._pending]
             idx = select_batch([j.num_tokens for j in self._pending], [j.enqueued for j in self._pending],
-                               self.max_batch_tokens, self.max_batch_size, self.max_padding)
+                               self.max_batch_tokens, self.max_batch_size, self.max_padding, keys)
             chosen = set(idx)
             batch = [self._pending[i] for i in sorted(idx, key=lambda i: self._pending[i].num_tokens)]
             self._pending = [j for k, j in enumerate(self._pending) if k not in chosen]

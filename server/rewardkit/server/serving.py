@@ -23,7 +23,7 @@ from rewardkit.core.abc import (
 from rewardkit.core.errors import InputError
 from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
 from rewardkit.core.loading import RewardModel
-from rewardkit.core.prefix import score_unpadded
+from rewardkit.core.prefix import prefix_key, score_unpadded
 from rewardkit.core.scoring import ItemScore, Scorer
 from rewardkit.server.drift import DriftMonitor
 from rewardkit.server.errors import BadRequest, NotReady, Overloaded, PayloadTooLarge
@@ -63,7 +63,8 @@ class RewardService:
             self._run_batch, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0, max_queue_items=settings.max_queue_items,
             on_batch=self._on_batch, max_padding=settings.max_padding_fraction, inline=settings.worker_mode == "inline" or (
-                settings.worker_mode == "auto" and rm.device.type == "cpu"))
+                settings.worker_mode == "auto" and rm.device.type == "cpu"),
+            group_key=(lambda job: prefix_key(job.enc)) if settings.prefix_sharing else None)  # prompt mates batch together
         # operations (issue 7): drift monitor fed with every returned reward, optional Redis score cache
         self.drift: DriftMonitor | None = DriftMonitor(
             window=settings.drift_window, reference_size=settings.drift_reference_size, bins=settings.drift_bins,

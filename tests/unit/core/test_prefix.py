@@ -248,3 +248,14 @@ def test_score_unpadded_groups_and_singles(tiny_gpt2_dir: Path) -> None:
     got_off = [s.reward for s in score_unpadded(off, items)]
     torch.testing.assert_close(torch.tensor(got_off), torch.tensor(ref), atol=ATOL, rtol=RTOL)
     assert off.prefix.stats.groups == 0
+
+
+def test_prefix_key_is_the_prompt(tiny_llama_dir: Path) -> None:
+    from rewardkit.core.prefix import prefix_key
+
+    rm = load_reward_model(tiny_llama_dir)
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    a, b = (fmt.encode(ScoreItem(prompt=PROMPT, response=c)) for c in ("Paris.", "Berlin is not it."))
+    other = fmt.encode(ScoreItem(prompt=PROMPT + " Why?", response="Paris."))
+    assert prefix_key(a) is not None and prefix_key(a) == prefix_key(b) != prefix_key(other)
+    assert prefix_key(fmt.encode(ScoreItem(prompt="hi", response="Paris.")), min_prefix=64) is None  # short prompt
