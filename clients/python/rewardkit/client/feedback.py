@@ -100,7 +100,8 @@ class FeedbackStream:
 
     def __init__(self, client_or_url: Any, *, api_key: str | None = None, dtype: str = "bfloat16",
                  max_positions: int | None = None, batch_frames: int = 64, max_queue: int = 256,
-                 max_retries: int = 5, timeout: float = 120.0, linger_s: float = 0.05) -> None:
+                 max_retries: int = 5, timeout: float = 120.0, linger_s: float = 0.05,
+                 transport: httpx.BaseTransport | None = None) -> None:
         if batch_frames < 1 or max_queue < 1:
             raise ValueError("batch_frames and max_queue must be >= 1")
         self.url, self._headers = _base_and_headers(client_or_url, api_key)
@@ -110,7 +111,7 @@ class FeedbackStream:
         self.batch_frames = batch_frames
         self.max_retries = max_retries
         self.linger_s = linger_s
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0))
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), transport=transport)
         self._q: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._error: RewardKitError | None = None
         self._closed = False

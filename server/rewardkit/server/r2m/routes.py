@@ -75,7 +75,7 @@ async def rewards(request: Request, r2m: R2M) -> R2MRewardResponse:
 def _head_list(r2m: R2MService) -> HeadList:
     active = r2m.updater.active.version
     heads = [HeadInfo(version=h.version, round=h.round, created_at=h.created_at, groups=len(h.applied),
-                      parent=h.parent, loss=h.loss, active=h.version == active) for h in r2m.updater.store.list()]
+                      parent=h.parent, loss=h.loss, active=h.version == active) for h in r2m.updater.store.stored()]
     return HeadList(model=r2m.model_id, active=active, heads=heads)
 
 

@@ -103,7 +103,7 @@ class HeadStore:
                           created_at=float(extra.get("created_at", 0.0)), applied=tuple(extra.get("applied", ())),
                           parent=extra.get("parent"), loss=stats.get("loss"))
 
-    def list(self) -> list[StoredHead]:
+    def stored(self) -> list[StoredHead]:
         out = []
         for n in self.numbers():
             try:
@@ -115,7 +115,7 @@ class HeadStore:
     def applied_keys(self) -> set[str]:
         """Every group key recorded as applied by any stored version."""
         keys: set[str] = set()
-        for h in self.list():
+        for h in self.stored():
             keys.update(h.applied)
         return keys
 
@@ -125,7 +125,7 @@ class HeadStore:
         path = self.path(number)
         if path.exists():
             raise FileExistsError(f"R2M head version {version_name(number)} already exists at {path}")
-        extra = {"applied": list(applied), "parent": parent, "stats": stats or {}, "created_at": time.time()}
+        extra: dict[str, Any] = {"applied": list(applied), "parent": parent, "stats": stats or {}, "created_at": time.time()}
         save_head(head, path, version=number, round=round, extra=extra)
         self._prune()
         return self.info(number)

@@ -179,16 +179,16 @@ class R2MUpdater:
             elif e.flush_keys or e.flush_id:
                 rejected: list[dict[str, Any]] = []
                 for key in (e.flush_keys or list(self._pending)):  # no keys: every pending group
-                    g = self._pending.get(key)
-                    if g is None or key in ready:
+                    fg = self._pending.get(key)
+                    if fg is None or key in ready:
                         continue
-                    if len(g.members) >= 2:
+                    if len(fg.members) >= 2:
                         ready.append(key)
                     else:  # GREBT needs a pair: drop the group (whole), say so
                         del self._pending[key]
-                        acks.extend(eid for eid, _ in g.members.values())
+                        acks.extend(eid for eid, _ in fg.members.values())
                         self.groups_rejected += 1
-                        rejected.append({"group": key, "size": len(g.members)})
+                        rejected.append({"group": key, "size": len(fg.members)})
                 acks.append(e.id)
                 if e.flush_id:
                     flushes.append((e.flush_id, rejected))

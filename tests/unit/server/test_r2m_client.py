@@ -1,0 +1,101 @@
+"""FeedbackStream: what it sends (a valid RKF1 stream), batching, flush, backpressure, error surfacing, the hook."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from rewardkit.client.errors import BadRequestError
+from rewardkit.client.feedback import FeedbackStream, HiddenStateCapture, to_numpy
+from rewardkit.core.wire import FrameDecoder
+
+
+class Recorder:
+    def __init__(self, gate: threading.Event | None = None, status: int = 200) -> None:
+        self.gate = gate
+        self.status = status
+        self.bodies: list[tuple[dict[str, str], list]] = []  # type: ignore[type-arg]
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.gate is not None:
+            self.gate.wait(10)
+        dec = FrameDecoder()
+        frames = dec.feed(request.read())
+        dec.close()
+        self.bodies.append((dict(request.url.params), frames))
+        if self.status != 200:
+            return httpx.Response(self.status, json={"error": {"type": "invalid_request", "message": "frame 0: bad",
+                                                               "field": "header.shape"}})
+        return httpx.Response(200, json={"accepted_frames": len(frames)})
+
+
+def test_frames_batches_and_flush() -> None:
+    rec = Recorder()
+    fs = FeedbackStream("http://rk", transport=httpx.MockTransport(rec), batch_frames=3, dtype="float16")
+    h = torch.randn(5, 8, dtype=torch.bfloat16)  # torch input, bfloat16: converted without the caller's help
+    for i in range(7):
+        fs.add("g", i, 2, h, {"prompt": "p", "response": f"r{i}"})
+    fs.flush(complete_groups=True)
+    fs.close()
+    frames = [f for params, fr in rec.bodies if "flush" not in params for f in fr]
+    assert [f.index for f in frames] == list(range(7)) and all(len(fr) <= 3 for _, fr in rec.bodies)
+    assert frames[0].header["item"] == {"prompt": "p", "response": "r0"} and frames[0].header["dtype"] == "float16"
+    np.testing.assert_allclose(frames[0].array.astype(np.float32), h.float().numpy(), rtol=1e-3)
+    assert rec.bodies[-1][0] == {"flush": "true"} and rec.bodies[-1][1] == []
+    assert fs.frames_sent == 7
+
+
+def test_add_blocks_when_the_queue_is_full() -> None:
+    gate = threading.Event()
+    rec = Recorder(gate)
+    fs = FeedbackStream("http://rk", transport=httpx.MockTransport(rec), batch_frames=1, max_queue=2, linger_s=0)
+    h = np.ones((2, 4), np.float32)
+    fs.add("g", 0, 0, h, {"text": "a"})  # taken by the sender, which blocks in the request
+    deadline_ok = 0
+    for i in range(1, 3):
+        fs.add("g", i, 0, h, {"text": "a"}, timeout=2)
+        deadline_ok += 1
+    with pytest.raises(queue.Full):
+        fs.add("g", 9, 0, h, {"text": "a"}, timeout=0.3)  # backpressure: the producer waits, then gives up
+    gate.set()
+    fs.close()
+    assert deadline_ok == 2 and fs.frames_sent == 3
+
+
+def test_refusals_surface_and_bad_input_raises_at_add() -> None:
+    fs = FeedbackStream("http://rk", transport=httpx.MockTransport(Recorder(status=422)), batch_frames=1)
+    fs.add("g", 0, 0, np.ones((2, 4), np.float32), {"text": "a"})
+    with pytest.raises(BadRequestError):
+        fs.flush(complete_groups=False)
+    with pytest.raises(ValueError, match="NaN"):
+        fs.add("g", 1, 0, np.full((2, 4), np.nan, np.float32), {"text": "a"})
+    with pytest.raises(ValueError, match="item"):
+        fs.add("g", 1, 0, np.ones((2, 4), np.float32))
+    fs.close()
+    with pytest.raises(ValueError, match="S, D"):
+        to_numpy(np.ones(3))
+
+
+def test_hidden_state_capture_matches_last_hidden_state() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with HiddenStateCapture(model) as cap, torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    got = cap.pop()
+    assert torch.allclose(got, out.hidden_states[-1])  # the final norm's output = HF's last hidden state
+    rows = HiddenStateCapture.rows(got, mask)
+    assert [r.shape for r in rows] == [(7, 16), (5, 16)]
+    with pytest.raises(RuntimeError):
+        cap.pop()
