@@ -339,3 +339,23 @@ def test_trust_remote_code_off_by_default(tiny_llama_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "rewardkit.cli", "serve", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert "--trust-remote-code" not in out.stdout  # only the operator's env/config can turn it on
+
+
+def test_operations_doc_lists_every_setting() -> None:
+    """docs/operations.md has a row for every Settings field, with its env var and its current default."""
+    from rewardkit.server.settings import Settings
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines() if line.startswith("| `")}
+    missing, wrong = [], []
+    for name, field in Settings.model_fields.items():
+        row = rows.get(name)
+        if row is None or f"`REWARDKIT_{name.upper()}`" not in row:
+            missing.append(name)
+            continue
+        d = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        want = ("unset" if d is None else "[]" if d == [] else str(d).lower() if isinstance(d, bool)
+                else d.as_posix() if isinstance(d, Path) else str(d))
+        if f"`{want}`" not in row and f"`{want} (" not in row:
+            wrong.append((name, want))
+    assert not missing and not wrong, f"missing rows: {missing}; defaults that differ: {wrong}"
