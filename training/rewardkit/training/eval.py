@@ -1,0 +1,253 @@
+"""Evaluate a reward model on preference pairs (``rewardkit eval``).
+
+Reported per data file:
+
+* ``accuracy`` (share of pairs with r_chosen > r_rejected; a tie counts half), overall, per task family (the row's
+  ``task.family``, or ``task`` when it is a string), and per artifact condition: for each artifact in the row's
+  ``artifacts`` (the testbed's bookkeeping), ``<name>:agrees`` / ``<name>:disagrees`` (present, and the artifact sits
+  on the chosen / the rejected response) and ``<name>:absent``;
+* ``mean_margin``: mean of r_c - r_r in served (normalised) units, and ``mean_margin_raw`` in raw head units;
+* ``ece``: expected calibration error of p = sigmoid(raw r_c - raw r_r), the probability the Bradley-Terry model
+  assigns to the label. Confidence is max(p, 1 - p), correct means p > 0.5; 10 equal-width bins over [0.5, 1];
+  ECE = sum_b (n_b / N) |accuracy_b - confidence_b|. Raw units because that is the scale the BT loss trained;
+* ``masking_probe`` (the Id-RM paper's probe): accuracy when the first 0%, 20%, ..., 80% of each formatted text's
+  tokens (prompt + response, chat template included) are hidden. ``replace`` mode (default) swaps those token ids for
+  the tokenizer's pad id, keeping positions and length; ``drop`` mode removes them from the input, which is the same
+  as attention-masking them with positions recounted from the first visible token. The reward token itself is never
+  hidden. A model that reads the evidence loses accuracy as the mask grows; one that keeps it ignores the evidence.
+
+Example::
+
+    report = evaluate(load_reward_model("runs/bt"), pairs)
+    report.summary()["accuracy"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rewardkit.core.formatting import EncodedItem, Formatter
+from rewardkit.core.loading import RewardModel
+from rewardkit.core.scoring import Scorer
+from rewardkit.training.data import PreferencePair, load_preferences
+from rewardkit.training.features import EncodedPair, encode_pairs, extract_features, pair_batches
+
+__all__ = ["EvalReport", "evaluate", "evaluate_path", "expected_calibration_error", "format_table", "mask_item"]
+
+PROBE_FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
+PROBE_MODES = ("replace", "drop")
+# Test splits of a testbed directory, in the order reports list them.
+TESTBED_SPLITS = ("test", "test_clean", "test_flip_length", "test_flip_boilerplate", "test_flip_format",
+                  "test_late_evidence", "validation")
+
+
+def expected_calibration_error(p_label: torch.Tensor, n_bins: int = 10) -> float:
+    """ECE of pairwise probabilities ``p_label`` = P(chosen preferred) under the model, (N,) -> float."""
+    conf = torch.maximum(p_label, 1 - p_label)  # (N,)
+    correct = (p_label > 0.5).float()  # (N,)
+    edges = torch.linspace(0.5, 1.0, n_bins + 1)
+    ece = 0.0
+    for b in range(n_bins):
+        lo, hi = edges[b], edges[b + 1]
+        sel = (conf >= lo) & ((conf < hi) if b < n_bins - 1 else (conf <= hi))
+        if sel.any():
+            ece += float(sel.float().mean()) * abs(float(correct[sel].mean()) - float(conf[sel].mean()))
+    return ece
+
+
+def mask_item(item: EncodedItem, fraction: float, pad_token_id: int, mode: str = "replace") -> EncodedItem:
+    """Hide the first ``fraction`` of the tokens (never the last one). See the module docstring for the modes."""
+    n = item.num_tokens
+    k = min(int(math.floor(fraction * n)), n - 1)
+    if k <= 0:
+        return item
+    if mode == "replace":
+        ids = (pad_token_id,) * k + item.input_ids[k:]
+        return dataclasses.replace(item, input_ids=ids)
+    if mode == "drop":
+        return dataclasses.replace(item, input_ids=item.input_ids[k:], offsets=item.offsets[k:])
+    raise ValueError(f"probe mode must be one of {PROBE_MODES}, got {mode!r}")
+
+
+def _accuracy(diff: torch.Tensor) -> float:
+    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean()) if len(diff) else float("nan")
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """Per-pair rewards (normalised and raw) and the metrics computed from them."""
+
+    name: str
+    pairs: list[EncodedPair]
+    r_chosen: torch.Tensor  # (N,) served units
+    r_rejected: torch.Tensor
+    raw_chosen: torch.Tensor  # (N,) raw head units
+    raw_rejected: torch.Tensor
+    dropped: dict[str, Any]
+    probe: dict[str, float] = dataclasses.field(default_factory=dict)
+    probe_mode: str = "replace"
+    probe_pairs: int = 0
+
+    def groups(self) -> dict[str, dict[str, list[int]]]:
+        """Pair indices per task family and per artifact condition."""
+        fam: dict[str, list[int]] = defaultdict(list)
+        art: dict[str, list[int]] = defaultdict(list)
+        for i, ep in enumerate(self.pairs):
+            task = ep.pair.meta.get("task")
+            family = task.get("family") if isinstance(task, dict) else task
+            if family is not None:
+                fam[str(family)].append(i)
+            artifacts = ep.pair.meta.get("artifacts")
+            if isinstance(artifacts, dict):
+                for name, a in artifacts.items():
+                    if not isinstance(a, dict):
+                        continue
+                    cond = "absent" if not a.get("present") else "agrees" if a.get("agrees") else "disagrees"
+                    art[f"{name}:{cond}"].append(i)
+        return {"family": dict(sorted(fam.items())), "artifact": dict(sorted(art.items()))}
+
+    def summary(self) -> dict[str, Any]:
+        diff = self.r_chosen - self.r_rejected
+        raw_diff = self.raw_chosen - self.raw_rejected
+        g = self.groups()
+        out: dict[str, Any] = {
+            "name": self.name, "pairs": len(self.pairs), "accuracy": _accuracy(diff),
+            "mean_margin": float(diff.mean()) if len(diff) else float("nan"),
+            "mean_margin_raw": float(raw_diff.mean()) if len(diff) else float("nan"),
+            "ece": expected_calibration_error(torch.sigmoid(raw_diff)) if len(diff) else float("nan"),
+            "per_family": {k: {"pairs": len(v), "accuracy": _accuracy(diff[v])} for k, v in g["family"].items()},
+            "per_artifact": {k: {"pairs": len(v), "accuracy": _accuracy(diff[v])} for k, v in g["artifact"].items()},
+            "dropped": self.dropped,
+        }
+        if self.probe:
+            out["masking_probe"] = {"mode": self.probe_mode, "pairs": self.probe_pairs, "accuracy": self.probe}
+        return out
+
+
+def _score_pairs(scorer: Scorer, pairs: Sequence[EncodedPair], max_tokens: int, progress: bool, desc: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    n = len(pairs)
+    rc, rr, qc, qr = (torch.zeros(n) for _ in range(4))
+    with tqdm(total=sum(p.num_tokens for p in pairs), unit="tok", desc=desc, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for batch in pair_batches(pairs, max_tokens):
+            s = scorer.score_batch([pairs[i].chosen for i in batch] + [pairs[i].rejected for i in batch])
+            for j, i in enumerate(batch):
+                c, r = s[j], s[len(batch) + j]
+                rc[i], rr[i], qc[i], qr[i] = c.reward, r.reward, c.raw_reward, r.raw_reward
+            bar.update(sum(pairs[i].num_tokens for i in batch))
+    return rc, rr, qc, qr
+
+
+def _score_from_features(rm: RewardModel, pairs: Sequence[EncodedPair], max_tokens: int, progress: bool,
+                         cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same rewards from cached reward-token hidden states: ``head(h)``, normalised as the scorer does."""
+    h_c, h_r = extract_features(rm, pairs, max_tokens=max_tokens, cache_dir=cache_dir, progress=progress)
+    head = rm.head
+    with torch.no_grad():
+        qc = head(h_c.to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()  # (N,)
+        qr = head(h_r.to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()
+    norm = (lambda q: (q - rm.meta.norm_mean) / rm.meta.norm_std)
+    return norm(qc), norm(qr), qc, qr
+
+
+def evaluate(rm: RewardModel, pairs: Sequence[PreferencePair], *, name: str = "data", max_length: int = 2048,
+             max_tokens: int = 4096, probe_fractions: Sequence[float] = PROBE_FRACTIONS, probe_mode: str = "replace",
+             probe_max_pairs: int = 0, progress: bool = True, feature_cache_dir: str | Path | None = None
+             ) -> EvalReport:
+    """Score every pair (dropping over-long ones, counted) and run the masking probe on the first
+    ``probe_max_pairs`` pairs (0 = all).
+
+    ``feature_cache_dir``: compute (or reuse) the reward-token hidden states there and apply the head to them. The
+    backbone forward does not depend on the head, so every head trained on a frozen backbone is evaluated from one
+    pass; the numbers equal the plain scorer's to fp32 rounding (tested).
+    """
+    if probe_mode not in PROBE_MODES:
+        raise ValueError(f"probe_mode must be one of {PROBE_MODES}, got {probe_mode!r}")
+    for f in probe_fractions:
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"probe fractions must be within [0, 1), got {f}")
+    enc, report = encode_pairs(pairs, Formatter(rm.tokenizer, max_length=max_length))
+    scorer = Scorer(rm, prefix_sharing=False)
+
+    def score(ps: Sequence[EncodedPair], desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if feature_cache_dir is not None:
+            return _score_from_features(rm, ps, max_tokens, progress, feature_cache_dir)
+        return _score_pairs(scorer, ps, max_tokens, progress, desc)
+
+    rc, rr, qc, qr = score(enc, f"eval {name}")
+    out = EvalReport(name=name, pairs=enc, r_chosen=rc, r_rejected=rr, raw_chosen=qc, raw_rejected=qr,
+                     dropped=report.to_dict()["dropped"], probe_mode=probe_mode)
+    sub = enc[:probe_max_pairs] if probe_max_pairs else enc
+    out.probe_pairs = len(sub)
+    for f in probe_fractions:
+        if f == 0.0:
+            out.probe[f"{f:.1f}"] = _accuracy(rc[:len(sub)] - rr[:len(sub)])
+            continue
+        masked = [dataclasses.replace(ep, chosen=mask_item(ep.chosen, f, rm.pad_token_id, probe_mode),
+                                      rejected=mask_item(ep.rejected, f, rm.pad_token_id, probe_mode)) for ep in sub]
+        mc, mr, _, _ = score(masked, f"probe {f:.0%}")
+        out.probe[f"{f:.1f}"] = _accuracy(mc - mr)
+    return out
+
+
+def data_files(path: str | Path) -> list[tuple[str, Path]]:
+    """A file -> [(stem, file)]; a testbed directory -> its test splits (and validation) that exist."""
+    p = Path(path)
+    if p.is_dir():
+        files = [(s, p / f"{s}.jsonl") for s in TESTBED_SPLITS if (p / f"{s}.jsonl").is_file()]
+        if not files:
+            raise ValueError(f"{p} holds none of {TESTBED_SPLITS} as .jsonl; pass a file or a testbed directory")
+        return files
+    if not p.is_file():
+        raise ValueError(f"--data {p} does not exist")
+    return [(p.stem, p)]
+
+
+def evaluate_path(rm: RewardModel, path: str | Path, *, splits: Sequence[str] | None = None, max_pairs: int = 0,
+                  **kwargs: Any) -> list[dict[str, Any]]:
+    """Evaluate every file of ``path`` (see :func:`data_files`); returns one summary per file."""
+    import random
+
+    results = []
+    for name, file in data_files(path):
+        if splits and name not in splits:
+            continue
+        pairs, _ = load_preferences(file)
+        if max_pairs and max_pairs < len(pairs):
+            pairs = random.Random(f"rewardkit-eval:{name}").sample(pairs, max_pairs)
+        results.append(evaluate(rm, pairs, name=name, **kwargs).summary())
+    return results
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """Human-readable tables: one line per file, then per-family, per-artifact and probe breakdowns."""
+    lines = [f"{'data':<24} {'pairs':>5} {'acc':>6} {'margin':>7} {'ece':>6}  masking probe (acc at 0/20/40/60/80%)"]
+    for r in results:
+        probe = r.get("masking_probe", {}).get("accuracy", {})
+        probe_s = " ".join(f"{v:.3f}" for v in probe.values()) if probe else "-"
+        lines.append(f"{r['name']:<24} {r['pairs']:>5} {r['accuracy']:>6.3f} {r['mean_margin']:>7.3f} "
+                     f"{r['ece']:>6.3f}  {probe_s}")
+    for key, title in (("per_family", "family"), ("per_artifact", "artifact condition")):
+        rows = [(r["name"], k, v) for r in results for k, v in r[key].items()]
+        if rows:
+            lines += ["", f"{'data':<24} {title:<28} {'pairs':>5} {'acc':>6}"]
+            lines += [f"{n:<24} {k:<28} {v['pairs']:>5} {v['accuracy']:>6.3f}" for n, k, v in rows]
+    return "\n".join(lines)
+
+
+def write_json(results: Sequence[dict[str, Any]], path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    from rewardkit.core.checkpoint import atomic_write_bytes
+
+    payload = {**(extra or {}), "results": list(results)}
+    atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode("utf-8"))
