@@ -113,6 +113,8 @@ class AttentionCapture:
             raise ConfigError(
                 f"no attention captured for layers {sorted(missing)}: dense rewards need the model loaded with "
                 f"attn_implementation={ATTN_NAME!r} (rewardkit.core.loading does this by default)")
+        if len(self.layers) == 1:
+            return self.rows[next(iter(self.layers))]
         return torch.stack([self.rows[i] for i in sorted(self.layers)]).mean(0)
 
 
@@ -140,18 +142,28 @@ def attention_row(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.
     b, hq, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     rep = hq // hkv
-    rows = torch.arange(b, device=query.device)
-    pos = positions.to(query.device)
     scale = d**-0.5 if scaling is None else scaling
-    q = query[rows, :, pos].float().reshape(b, hkv, rep, d)  # (B, Hkv, rep, D): query heads grouped by KV head
-    scores = torch.einsum("bgrd,bgtd->bgrt", q, key.float()).reshape(b, hq, tk) * scale  # (B, Hq, Tk)
-    if attention_mask is None:
+    if b == 1:  # the CPU server's unpadded single items: plain slicing, no advanced indexing (fewer small ops)
+        p = int(positions[0])
+        q = query[:, :, p].float()  # (1, Hq, D)
+    else:
+        rows = torch.arange(b, device=query.device)
+        pos = positions.to(query.device)
+        q = query[rows, :, pos].float()  # (B, Hq, D)
+    q = q.reshape(b, hkv, rep, d)  # query heads grouped by their KV head (GQA without repeat_kv)
+    scores = torch.matmul(q, key.float().transpose(-1, -2)).reshape(b, hq, tk) * scale  # (B, Hq, Tk)
+    if attention_mask is None:  # pure causal: keys up to the query's position (keys may include a cache)
+        if b == 1:
+            last = p + (tk - tq)
+            out = torch.zeros(1, tk, dtype=torch.float32, device=query.device)
+            out[:, :last + 1] = torch.softmax(scores[:, :, :last + 1], dim=-1).mean(1)
+            return out
         k_pos = torch.arange(tk, device=query.device)  # (Tk,)
-        allowed = k_pos[None, :] <= (pos + (tk - tq))[:, None]  # (B, Tk): causal; keys may include a cache
+        allowed = k_pos[None, :] <= (pos + (tk - tq))[:, None]  # (B, Tk)
         scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
     else:
         m = attention_mask[:, 0]  # (B|1, Tq, Tk): the mask is shared by heads in every model we support
-        m = m.expand(b, -1, -1)[rows, pos]  # (B, Tk)
+        m = m[:, p][:, None].expand(b, 1, tk)[:, 0] if b == 1 else m.expand(b, -1, -1)[rows, pos]  # (B, Tk)
         if m.dtype == torch.bool:
             scores = scores.masked_fill(~m[:, None, :], float("-inf"))
         else:

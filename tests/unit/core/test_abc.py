@@ -169,6 +169,11 @@ def test_attention_row_masks() -> None:
     ref = torch.softmax((q @ k_rep.transpose(-1, -2) * 0.3).masked_fill(~causal, float("-inf")), -1).mean(1)
     np.testing.assert_allclose(none, ref[torch.arange(2), pos], atol=1e-6)
     assert float(none[1, 3:].abs().sum()) == 0.0  # no attention to future keys
+    for i in range(2):  # the single-item fast path (plain slicing) agrees with the batched one, with and without mask
+        one = abc.attention_row(q[i:i + 1], k[i:i + 1], None, 0.3, pos[i:i + 1])
+        np.testing.assert_allclose(one[0], none[i], atol=1e-7)
+        np.testing.assert_allclose(abc.attention_row(q[i:i + 1], k[i:i + 1], causal[i:i + 1], 0.3, pos[i:i + 1])[0],
+                                   none[i], atol=1e-7)
 
 
 # --- projection onto the caller's tokens --------------------------------------------------------------------------
