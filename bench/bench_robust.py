@@ -1,0 +1,169 @@
+"""BT vs RRM vs Id-RM on the testbed, same budget and seeds (docs/results.md, "Robust training").
+
+    python bench/bench_robust.py --testbed data/testbed --out runs/robust --seeds 0,1,2 --methods bt,rrm
+    python bench/bench_robust.py --testbed data/testbed --out runs/robust --seeds 0 --methods bt_lora,idrm
+
+``bt`` and ``rrm`` train frozen-backbone heads (``rewardkit train bt`` / ``rewardkit train rrm`` with the flags printed
+in the JSON); ``bt_lora`` and ``idrm`` fine-tune LoRA adapters on the last K layers' attention starting from the seed's
+frozen BT checkpoint (``idrm`` with ``eta=0`` is exactly ``bt_lora``: the only difference is the KL term).
+
+Evaluation reads the reward-token hidden states through the BT trainer's feature extractor with a cache keyed by the
+backbone weights and token ids, so every frozen head shares one backbone pass per split; a LoRA model's merged
+backbone has other weights and gets its own pass. Accuracy equals the server's (features come from its Scorer).
+Prints a table (mean, spread over seeds) and the time of each trainer relative to BT; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPLITS = ("test", "test_clean", "test_flip_length", "test_flip_boilerplate", "test_flip_format", "test_late_evidence")
+PROBE = (0.0, 0.2, 0.4, 0.6, 0.8)
+
+
+def _recipe(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
+    return {"model": "embedded", "mode": "frozen", "train_file": args.testbed, "max_train_pairs": args.train_pairs,
+            "max_length": 1024, "learning_rate": 3e-3, "weight_decay": 0.01, "num_epochs": args.epochs,
+            "batch_size": 32, "warmup_ratio": 0.05, "center_rewards_coefficient": 0.01, "seed": seed,
+            "output_dir": str(out), "feature_cache_dir": args.cache, "disable_tqdm": True, "logging_steps": 50}
+
+
+def _flags(cfg: dict[str, Any]) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else (f"--{k.replace('_', '-')}" if v
+                    else "") for k, v in cfg.items()).strip()
+
+
+def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[str, Any], str]:
+    out = Path(args.out) / f"{method}-s{seed}"
+    base = _recipe(args, seed, out)
+    t0 = time.time()
+    if method == "bt":
+        from rewardkit.training.bt import train_bt
+        from rewardkit.training.config import BTConfig
+
+        cmd = "rewardkit train bt " + _flags(base)
+        metrics = train_bt(BTConfig(**base), command=cmd).metrics
+    elif method == "rrm":
+        from rewardkit.training.rrm import RRMConfig, train_rrm
+
+        cfg = {**base, "tau": args.tau}
+        cmd = "rewardkit train rrm " + _flags(cfg)
+        metrics = train_rrm(RRMConfig(**cfg), command=cmd).metrics
+    elif method in ("bt_lora", "idrm"):
+        from rewardkit.training.idrm import IdRMConfig, train_idrm
+
+        start = Path(args.out) / f"bt-s{seed}"
+        if not (start / "rewardkit.json").is_file():
+            train("bt", args, seed)
+        cfg = {**base, "model": str(start), "mode": "lora", "max_train_pairs": args.lora_pairs,
+               "num_epochs": args.lora_epochs, "learning_rate": args.lora_lr, "batch_size": 8, "feature_cache_dir": "",
+               "eta": 0.0 if method == "bt_lora" else args.eta, "align_layers": args.k,
+               "teacher_epochs": args.teacher_epochs, "teacher_cache_dir": args.cache, "logging_steps": 5}
+        cmd = "rewardkit train idrm " + _flags(cfg)
+        metrics = train_idrm(IdRMConfig(**cfg), command=cmd).metrics
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    metrics["wall_seconds"] = round(time.time() - t0, 1)
+    return out, metrics, cmd
+
+
+def evaluate_ckpt(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from rewardkit.core.formatting import Formatter
+    from rewardkit.core.loading import load_reward_model
+    from rewardkit.training.data import load_preferences
+    from rewardkit.training.eval import mask_item
+    from rewardkit.training.features import encode_pairs, extract_features
+
+    rm = load_reward_model(path, device="cpu", dtype="float32")
+    w = rm.head.weight.detach().float().squeeze(0)  # (H,)
+    fmt = Formatter(rm.tokenizer, max_length=2048)
+    res: dict[str, Any] = {}
+    for split in SPLITS:
+        pairs, _ = load_preferences(Path(args.testbed) / f"{split}.jsonl")
+        if args.eval_pairs and args.eval_pairs < len(pairs):
+            pairs = random.Random(f"rewardkit-eval:{split}").sample(pairs, args.eval_pairs)  # eval.py's sample rule
+        enc, _ = encode_pairs(pairs, fmt)
+        h_c, h_r = extract_features(rm, enc, cache_dir=args.cache, progress=False)
+        d = h_c @ w - h_r @ w  # (N,)
+        res[split] = float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
+        if split == "test" and args.probe_pairs:
+            sub = enc[:args.probe_pairs]
+            probe = {}
+            for f in PROBE:
+                m = [dataclasses.replace(ep, chosen=mask_item(ep.chosen, f, rm.pad_token_id),
+                                         rejected=mask_item(ep.rejected, f, rm.pad_token_id)) for ep in sub]
+                mc, mr = extract_features(rm, m, cache_dir=args.cache, progress=False)
+                dm = mc @ w - mr @ w
+                probe[f"{f:.1f}"] = float(((dm > 0).float() + 0.5 * (dm == 0).float()).mean())
+            res["probe"] = probe
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--testbed", default="data/testbed")
+    p.add_argument("--out", default="runs/robust")
+    p.add_argument("--cache", default="data/robust-cache", help="feature and teacher cache")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default="bt,rrm")
+    p.add_argument("--train-pairs", type=int, default=300)
+    p.add_argument("--epochs", type=float, default=30.0)
+    p.add_argument("--tau", type=float, default=0.2)
+    p.add_argument("--eval-pairs", type=int, default=150, help="seeded sample per split (0 = all)")
+    p.add_argument("--probe-pairs", type=int, default=100, help="masking probe on the first N sampled test pairs")
+    p.add_argument("--lora-pairs", type=int, default=200)
+    p.add_argument("--lora-epochs", type=float, default=1.0)
+    p.add_argument("--lora-lr", type=float, default=2e-4)
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--teacher-epochs", type=float, default=2.0)
+    p.add_argument("--json", default="", help="append results to this JSON file (default OUT/results.json)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out_json = Path(args.json or Path(args.out) / "results.json")
+    runs: list[dict[str, Any]] = json.loads(out_json.read_text()) if out_json.is_file() else []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for method in args.methods.split(","):
+            path, metrics, cmd = train(method, args, seed)
+            t_eval = time.time()
+            ev = evaluate_ckpt(path, args)
+            runs = [r for r in runs if not (r["method"] == method and r["seed"] == seed)]
+            runs.append({"method": method, "seed": seed, "command": cmd, "eval": ev, "eval_seconds":
+                         round(time.time() - t_eval, 1), "metrics": {k: v for k, v in metrics.items() if k != "eval"},
+                         "bench_command": "python " + " ".join(sys.argv)})
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(runs, indent=2, sort_keys=True))
+            print(method, seed, json.dumps(ev), f"train {metrics['wall_seconds']}s", flush=True)
+    print(table(runs))
+    return 0
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    cols = [*SPLITS, *(f"probe{f:.1f}" for f in PROBE)]
+    lines = ["method  seeds  " + "  ".join(cols) + "  train_s"]
+    for m, rs in by.items():
+        cells = []
+        for c in cols:
+            vals = [r["eval"]["probe"][c[5:]] if c.startswith("probe") else r["eval"][c] for r in rs]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{100 * statistics.mean(vals):.1f}±{100 * sd:.1f}")
+        secs = statistics.mean(r["metrics"]["wall_seconds"] for r in rs)
+        lines.append(f"{m}  {len(rs)}  " + "  ".join(cells) + f"  {secs:.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
