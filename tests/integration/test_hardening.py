@@ -91,16 +91,6 @@ def test_auth_keys_from_env_and_file_and_open_probes(guarded: ServerProcess) -> 
         assert secret not in logs
 
 
-def test_metrics_open_when_not_required(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """Keys set but metrics_require_auth off: /metrics answers without a key, /v1 does not; and binding beyond
-    loopback with keys set does not warn."""
-    with ServerProcess(tiny_llama_dir, tmp_path, "--host", "0.0.0.0",
-                       env={"REWARDKIT_API_KEYS": json.dumps(KEYS_ENV)}) as srv:
-        assert httpx.get(srv.url + "/metrics").status_code == 200
-        assert httpx.post(srv.url + "/v1/rewards", json={"items": [{"text": "a"}]}).status_code == 401
-        assert "WITHOUT API keys" not in srv.logs()
-
-
 # -- 2. limits ------------------------------------------------------------------------------------------------------
 def test_each_limit_is_a_4xx_naming_the_limit(guarded: ServerProcess) -> None:
     url, h = guarded.url, _auth(KEYS_ENV[0])
@@ -234,10 +224,16 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_in_grace(tiny_llama_dir:
 
 
 def test_sigterm_past_grace_period_exits_anyway(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """A request that cannot finish inside the grace period does not keep the process alive."""
-    srv = ServerProcess(tiny_llama_dir, tmp_path, "--max-wait-ms", "8000", "--grace-period-s", "0.5")
+    """A request that cannot finish inside the grace period does not keep the process alive. The same server (keys
+    set, metrics_require_auth off, bound beyond loopback) also shows /metrics open while /v1 needs the key, and no
+    loopback warning since keys are set."""
+    srv = ServerProcess(tiny_llama_dir, tmp_path, "--host", "0.0.0.0", "--max-wait-ms", "8000",
+                        "--grace-period-s", "0.5", env={"REWARDKIT_API_KEYS": json.dumps(KEYS_ENV)})
     srv.start()
     try:
+        assert httpx.get(srv.url + "/metrics").status_code == 200
+        assert httpx.post(srv.url + "/v1/rewards", json={"items": [{"text": "a"}]}).status_code == 401
+        assert "WITHOUT API keys" not in srv.logs()
         th = threading.Thread(target=lambda: _swallow(srv.url), daemon=True)
         th.start()
         time.sleep(0.5)
@@ -252,7 +248,7 @@ def test_sigterm_past_grace_period_exits_anyway(tiny_llama_dir: Path, tmp_path: 
 
 def _swallow(url: str) -> None:
     try:
-        httpx.post(url + "/v1/rewards", json={"items": [{"text": "slow"}]}, timeout=30)
+        httpx.post(url + "/v1/rewards", json={"items": [{"text": "slow"}]}, headers=_auth(KEYS_ENV[0]), timeout=30)
     except httpx.HTTPError:
         pass
 
@@ -277,7 +273,7 @@ _WRITER = textwrap.dedent("""
 
 
 def test_atomic_head_files_survive_kill_9_mid_write(tmp_path: Path) -> None:
-    """A process saving an R2M head and a scalar head in a loop is killed with SIGKILL at arbitrary moments (5 times,
+    """A process saving an R2M head and a scalar head in a loop is killed with SIGKILL at arbitrary moments (3 times,
     restarting on the same files); every time, both files load, each holds one complete version, and that version
     is the last one the writer reported or the one after (killed between the rename and the print)."""
     import random
@@ -287,7 +283,7 @@ def test_atomic_head_files_survive_kill_9_mid_write(tmp_path: Path) -> None:
     from rewardkit.core.r2m import load_head
 
     rng = random.Random(0)
-    for _ in range(5):
+    for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         first = proc.stdout.readline()  # at least one complete version of each file exists
@@ -332,13 +328,16 @@ def test_model_paths_only_from_operator_config(guarded: ServerProcess) -> None:
     assert names and not [n for n in names if forbidden.search(n)], sorted(names)
 
 
-def test_trust_remote_code_off_by_default(tiny_llama_dir: Path) -> None:
+def test_trust_remote_code_off_by_default() -> None:
     from rewardkit.server.settings import Settings
 
     assert Settings().trust_remote_code is False
-    out = subprocess.run([sys.executable, "-m", "rewardkit.cli", "serve", "--help"], capture_output=True, text=True,
-                         timeout=60)
-    assert "--trust-remote-code" not in out.stdout  # only the operator's env/config can turn it on
+    from rewardkit.cli import build_parser
+
+    parser = build_parser()
+    serve = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "serve")[1]  # type: ignore[union-attr]
+    help_text = serve.format_help()
+    assert "--model" in help_text and "--trust-remote-code" not in help_text  # only env/config can turn it on
 
 
 def test_operations_doc_lists_every_setting() -> None:

@@ -19,7 +19,7 @@ MAX_RSS_GROWTH_MB = 64  # after warm-up, over ~25 s; a leak of one request's wor
 def test_short_soak_has_no_errors_and_flat_memory(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_soak.py"), "--short", "--clients", "8",
-                           "--minutes", "0.4", "--warmup-s", "6", "--abandon", "0.05", "--out", str(out)],
+                           "--minutes", "0.33", "--warmup-s", "5", "--abandon", "0.05", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
