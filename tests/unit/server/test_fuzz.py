@@ -27,7 +27,8 @@ SCORING_OPS = ("POST /v1/rewards", "POST /get_reward", "POST /pooling", "POST /c
 
 
 @pytest.fixture(scope="module")
-def api_schema(tiny_llama_dir: Path) -> Iterator[tuple[schemathesis.BaseSchema, str]]:
+def api_schema(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[schemathesis.BaseSchema, str]]:
     """The app served by uvicorn in a thread on a free port (real HTTP, one lifespan), and its own schema."""
     import socket
     import threading
@@ -40,7 +41,7 @@ def api_schema(tiny_llama_dir: Path) -> Iterator[tuple[schemathesis.BaseSchema, 
     from rewardkit.server.settings import Settings
 
     rm = load_reward_model(tiny_llama_dir)
-    settings_ = Settings(model=str(tiny_llama_dir), max_length=64, max_batch_tokens=4096, max_items_per_request=16,
+    settings_ = Settings(model=str(tiny_llama_dir), state_dir=tmp_path_factory.mktemp("state"), max_length=64, max_batch_tokens=4096, max_items_per_request=16,
                          max_chars_per_item=4000, max_body_bytes=256_000, max_wait_ms=0)
     app = create_app(settings_, rm=rm)
     with socket.socket() as sock:

@@ -24,9 +24,9 @@ SCORING = ["/v1/rewards", "/get_reward", "/pooling", "/classify"]
 
 
 @pytest.fixture(scope="module")
-def client(tiny_llama_dir: Path) -> Iterator[TestClient]:
+def client(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     rm = load_reward_model(tiny_llama_dir)
-    settings = Settings(model=str(tiny_llama_dir), max_length=64, max_batch_tokens=4096, max_body_bytes=MAX_BODY,
+    settings = Settings(model=str(tiny_llama_dir), state_dir=tmp_path_factory.mktemp("state"), max_length=64, max_batch_tokens=4096, max_body_bytes=MAX_BODY,
                         max_chars_per_item=MAX_CHARS, max_items_per_request=16)
     with TestClient(create_app(settings, rm=rm), raise_server_exceptions=False) as c:
         yield c
