@@ -245,8 +245,14 @@ def cost(n_req: int, seq: int, d_policy: int) -> dict[str, Any]:
         c = httpx.Client(timeout=60)
         items = [{"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"It is {2 * i}. " * 3} for i in range(4)]
         hidden = [rng.normal(size=(seq, d_policy)).astype(np.float32) for _ in range(4)]
-        body = encode_stream([({"group_id": "q", "index": i, "round": 10, "item": items[i]}, hidden[i], "bfloat16")
-                              for i in range(4)])
+        seq_no = iter(range(10**9))
+
+        def unique_body() -> bytes:  # fresh texts: the server's H_last cache must not answer for the RM
+            n = next(seq_no)
+            return encode_stream([({"group_id": f"q{n}", "index": i, "round": 10,
+                                    "item": {**items[i], "prompt": f"[{n}] " + items[i]["prompt"]}}, hidden[i],
+                                   "bfloat16") for i in range(4)])
+
 
         def scalar() -> float:
             t = time.perf_counter()
@@ -255,6 +261,7 @@ def cost(n_req: int, seq: int, d_policy: int) -> dict[str, Any]:
             return time.perf_counter() - t
 
         def r2m() -> float:
+            body = unique_body()  # built before the clock starts
             t = time.perf_counter()
             r = c.post(srv.url + "/v1/r2m/rewards", content=body, headers={"content-type": "application/octet-stream"})
             assert r.status_code == 200, r.text
@@ -321,7 +328,56 @@ def cost(n_req: int, seq: int, d_policy: int) -> dict[str, Any]:
         out["updates_during_busy"] = after - before
         out["groups_sent_during_busy"] = sent_groups[0]
         c.close()
+    for pause in (0.0, 3.0):
+        out[f"updater_only_pause{pause:g}"] = updater_only(model, tmp, env, unique_body, n_req, pause)
     return out
+
+
+def updater_only(model: Path, tmp: Path, env: dict[str, str], make_body: Any, n_req: int,
+                 pause: float) -> dict[str, Any]:
+    """p99 of /v1/r2m/rewards while the updater alone works through a backlog (no ingestion meanwhile):
+    a server with 10 GREBT steps per update is sent 24 groups, then scored against until they are applied."""
+    import httpx
+
+    from rewardkit.client.feedback import FeedbackStream
+    from tests.helpers import ServerProcess
+
+    rng = np.random.default_rng(1)
+    frames = [rng.normal(size=(256, 576)).astype(np.float32) for _ in range(8)]
+    hdr = {"content-type": "application/octet-stream"}
+    res: dict[str, Any] = {"pause": pause, "steps_per_update": 10}
+    with ServerProcess(model, tmp, "--max-length", "256", env={**env, "REWARDKIT_R2M_STEPS_PER_UPDATE": "10",
+                                                               "REWARDKIT_R2M_UPDATER_PAUSE": str(pause)}) as srv:
+        c = httpx.Client(timeout=60)
+
+        def r2m() -> float:
+            body = make_body()
+            t = time.perf_counter()
+            assert c.post(srv.url + "/v1/r2m/rewards", content=body, headers=hdr).status_code == 200
+            return time.perf_counter() - t
+
+        for _ in range(10):
+            r2m()
+        idle = [r2m() for _ in range(n_req)]
+        with FeedbackStream(srv.url, dtype="bfloat16", batch_frames=32) as fs:
+            for g in range(24):
+                for i in range(4):
+                    fs.add(f"u{g}", i, 20, frames[(g + i) % 8], {"prompt": f"U {g}?", "response": f"a {i}"})
+            fs.flush(complete_groups=False)
+        busy: list[float] = []
+        t0 = time.perf_counter()
+        while c.get(srv.url + "/v1/r2m/status").json()["groups_applied"] < 24 and time.perf_counter() - t0 < 120:
+            busy.append(r2m())
+        res["updater_s"] = time.perf_counter() - t0
+        st = c.get(srv.url + "/v1/r2m/status").json()
+        res["updates"], res["groups"] = st["updates_applied"], st["groups_applied"]
+        res["busy_n"] = len(busy)
+        res["p50_ms_busy"] = 1000 * statistics.median(busy)
+        res["p99_ms_busy"] = 1000 * _pct(busy, 0.99)
+        res["p50_ms_idle"] = 1000 * statistics.median(idle)
+        res["p99_ms_idle"] = 1000 * _pct(idle, 0.99)
+        c.close()
+    return res
 
 
 def main() -> None:
@@ -343,8 +399,15 @@ def main() -> None:
         print(f"r2m p99 busy/idle ms: {c['r2m_p99_ms_busy']:.1f}/{c['r2m_p99_ms_idle']:.1f} "
               f"(ratio {c['r2m_p99_ms_busy'] / c['r2m_p99_ms_idle']:.2f}, {c['updates_during_busy']} updates)")
         print(f"ingestion: {c['ingest_MB_per_s']:.1f} MB/s, {c['ingest_samples_per_s']:.1f} samples/s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+        for key in ("updater_only_pause0", "updater_only_pause3"):
+            u = c[key]
+            print(f"updater alone (pause {u['pause']}): r2m p99 busy/idle ms {u['p99_ms_busy']:.1f}/"
+                  f"{u['p99_ms_idle']:.1f} (ratio {u['p99_ms_busy'] / u['p99_ms_idle']:.2f}; {u['busy_n']} requests "
+                  f"over {u['updater_s']:.1f} s, {u['groups']} groups in {u['updates']} updates)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**old, **res}, indent=1))  # a partial run (--skip-*) keeps the other part
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     r2m_keep_versions: int = Field(0, ge=0, description="head versions kept on disk; 0 = all")
     r2m_updater: bool = Field(True, description="run the updater here (one per fleet: others only ingest)")
     r2m_seed: int = Field(0, description="seed of the initial head's random projections")
+    r2m_updater_pause: float = Field(0.0, ge=0.0, le=100.0,
+                                     description="after each GREBT step, sleep this multiple of its time (yields CPU)")
 
     @field_validator("api_keys", mode="before")
     @classmethod

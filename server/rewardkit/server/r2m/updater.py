@@ -82,10 +82,11 @@ class R2MUpdater:
 
     def __init__(self, store: HeadStore, queue: MemoryFeedbackQueue | RedisFeedbackQueue, *,
                  steps_per_update: int = 1, publish: Callable[[str, Path], None] | None = None,
-                 cfg_override: Callable[[R2MHead], None] | None = None) -> None:
+                 cfg_override: Callable[[R2MHead], None] | None = None, pause: float = 0.0) -> None:
         self.store = store
         self.queue = queue
         self.steps_per_update = steps_per_update
+        self.pause = pause
         self.publish = publish
         self._cfg_override = cfg_override
         number = store.active_number()
@@ -234,10 +235,13 @@ class R2MUpdater:
             stats: dict[str, float] = {}
             ok = True
             for _ in range(self.steps_per_update):
+                t_step = time.perf_counter()
                 stats = r2m_update_step(head, opt, batch, w=w)
                 if not stats.get("applied"):
                     ok = False
                     break
+                if self.pause > 0:  # leave the cores to scoring for a while (small CPU hosts)
+                    time.sleep(self.pause * (time.perf_counter() - t_step))
             if not ok:
                 self.groups_rejected += len(keys)
                 self.last_error = f"update of {len(keys)} groups not applied: non-finite loss or gradient"
