@@ -88,7 +88,7 @@ def evaluate_ckpt(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     w = rm.head.weight.detach().float().squeeze(0)  # (H,)
     fmt = Formatter(rm.tokenizer, max_length=2048)
     res: dict[str, Any] = {}
-    for split in SPLITS:
+    for split in args.splits.split(","):
         pairs, _ = load_preferences(Path(args.testbed) / f"{split}.jsonl")
         if args.eval_pairs and args.eval_pairs < len(pairs):
             pairs = random.Random(f"rewardkit-eval:{split}").sample(pairs, args.eval_pairs)  # eval.py's sample rule
@@ -127,9 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--teacher-epochs", type=float, default=2.0)
+    p.add_argument("--splits", default=",".join(SPLITS), help="testbed splits to evaluate")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default="", help="append results to this JSON file (default OUT/results.json)")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_json = Path(args.json or Path(args.out) / "results.json")
     runs: list[dict[str, Any]] = json.loads(out_json.read_text()) if out_json.is_file() else []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -152,7 +155,8 @@ def table(runs: list[dict[str, Any]]) -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by.setdefault(r["method"], []).append(r)
-    cols = [*SPLITS, *(f"probe{f:.1f}" for f in PROBE)]
+    cols = [c for c in (*SPLITS, *(f"probe{f:.1f}" for f in PROBE))
+            if all((c[5:] in r["eval"].get("probe", {})) if c.startswith("probe") else c in r["eval"] for r in runs)]
     lines = ["method  seeds  " + "  ".join(cols) + "  train_s"]
     for m, rs in by.items():
         cells = []
