@@ -88,7 +88,8 @@ class AbcOptions:
 
 def resolve_layers(rm: RewardModel, opts: AbcOptions) -> tuple[int, ...]:
     """Absolute layer indices whose rows are averaged, e.g. (29,) for SmolLM2's last layer."""
-    n = int(rm.model.config.num_hidden_layers)
+    config: Any = rm.model.config
+    n = int(config.num_hidden_layers)
     last = opts.layer + n if opts.layer < 0 else opts.layer
     first = last - opts.num_layers + 1
     if not 0 <= first <= last < n:
