@@ -68,6 +68,8 @@ def test_stream_score_kill9_restart_exactly_once(tiny_llama_dir: Path, tmp_path:
             # three of four members of group "d" are accepted, then the server dies without warning
             with FeedbackStream(srv.url, batch_frames=8) as fs:
                 _send(fs, "d", range(3))
+            # wait until the updater holds them (delivered to its consumer, not acknowledged), then kill
+            _wait(lambda: httpx.get(srv.url + "/v1/r2m/status", timeout=10).json()["pending_frames"] == 3)
             srv.signal(signal.SIGKILL)
             srv.proc.wait()  # type: ignore[union-attr]
         finally:
