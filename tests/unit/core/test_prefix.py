@@ -56,6 +56,16 @@ def test_groups_prefer_long_prompts_over_a_shared_system_prompt() -> None:
         assert all(seqs[i][: g.prefix_len] == seqs[g.indices[0]][: g.prefix_len] for i in g.indices)
 
 
+def test_min_fraction_skips_a_short_shared_system_prompt() -> None:
+    """K=1 items behind one 20-token system prompt, 100 tokens each: sharing 20% is below a 25% floor."""
+    system = list(range(100, 120))
+    seqs = [system + [1000 + i] * 80 for i in range(6)]
+    assert find_prefix_groups(seqs, min_prefix=16) == [PrefixGroup(tuple(range(6)), 20)]
+    assert find_prefix_groups(seqs, min_prefix=16, min_fraction=0.25) == []
+    grpo = [system + [7] * 60 + [k] * 20 for k in range(4)]  # 80 of 100 shared: kept
+    assert find_prefix_groups(seqs + grpo, min_prefix=16, min_fraction=0.25) == [PrefixGroup((6, 7, 8, 9), 80)]
+
+
 def test_groups_are_optimal_on_small_random_cases() -> None:
     """The DP's saving equals brute force over all partitions of the sorted order (n <= 7)."""
     rng = random.Random(1)
