@@ -328,13 +328,13 @@ def cost(n_req: int, seq: int, d_policy: int) -> dict[str, Any]:
         out["updates_during_busy"] = after - before
         out["groups_sent_during_busy"] = sent_groups[0]
         c.close()
-    for threads, pause in ((0, 0.0), (1, 0.0), (1, 3.0)):
-        out[f"updater_only_t{threads}_p{pause:g}"] = updater_only(model, tmp, env, unique_body, n_req, pause, threads)
+    for pause in (0.0, 3.0):
+        out[f"updater_only_p{pause:g}"] = updater_only(model, tmp, env, unique_body, n_req, pause)
     return out
 
 
 def updater_only(model: Path, tmp: Path, env: dict[str, str], make_body: Any, n_req: int,
-                 pause: float, threads: int) -> dict[str, Any]:
+                 pause: float) -> dict[str, Any]:
     """p99 of /v1/r2m/rewards while the updater alone works through a backlog (no ingestion meanwhile):
     a server with 10 GREBT steps per update is sent 24 groups, then scored against until they are applied."""
     import httpx
@@ -345,10 +345,9 @@ def updater_only(model: Path, tmp: Path, env: dict[str, str], make_body: Any, n_
     rng = np.random.default_rng(1)
     frames = [rng.normal(size=(256, 576)).astype(np.float32) for _ in range(8)]
     hdr = {"content-type": "application/octet-stream"}
-    res: dict[str, Any] = {"pause": pause, "threads": threads, "steps_per_update": 10}
+    res: dict[str, Any] = {"pause": pause, "steps_per_update": 10}
     with ServerProcess(model, tmp, "--max-length", "256", env={
-            **env, "REWARDKIT_R2M_STEPS_PER_UPDATE": "10", "REWARDKIT_R2M_UPDATER_PAUSE": str(pause),
-            "REWARDKIT_R2M_UPDATER_THREADS": str(threads)}) as srv:
+            **env, "REWARDKIT_R2M_STEPS_PER_UPDATE": "10", "REWARDKIT_R2M_UPDATER_PAUSE": str(pause)}) as srv:
         c = httpx.Client(timeout=60)
 
         def r2m() -> float:
@@ -402,7 +401,7 @@ def main() -> None:
         print(f"ingestion: {c['ingest_MB_per_s']:.1f} MB/s, {c['ingest_samples_per_s']:.1f} samples/s")
         for key in [k for k in c if k.startswith("updater_only_")]:
             u = c[key]
-            print(f"updater alone (threads {u['threads']}, pause {u['pause']}): r2m p99 busy/idle ms {u['p99_ms_busy']:.1f}/"
+            print(f"updater alone (pause {u['pause']}): r2m p99 busy/idle ms {u['p99_ms_busy']:.1f}/"
                   f"{u['p99_ms_idle']:.1f} (ratio {u['p99_ms_busy'] / u['p99_ms_idle']:.2f}; {u['busy_n']} requests "
                   f"over {u['updater_s']:.1f} s, {u['groups']} groups in {u['updates']} updates)")
     out = Path(args.out)

@@ -91,8 +91,6 @@ class Settings(BaseSettings):
     r2m_seed: int = Field(0, description="seed of the initial head's random projections")
     r2m_updater_pause: float = Field(0.0, ge=0.0, le=100.0,
                                      description="after each GREBT step, sleep this multiple of its time (yields CPU)")
-    r2m_updater_threads: int = Field(1, ge=0, le=256,
-                                     description="torch intra-op threads of the updater thread; 0 = torch's default")
 
     @field_validator("api_keys", mode="before")
     @classmethod

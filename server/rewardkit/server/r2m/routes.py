@@ -148,7 +148,7 @@ def build(state: AppState, loop: asyncio.AbstractEventLoop | None = None) -> R2M
             fut = asyncio.run_coroutine_threadsafe(rs.publish_head(head_model, version, path.read_bytes()), loop)
             fut.result(timeout=10)
     updater = R2MUpdater(store, queue, steps_per_update=s.r2m_steps_per_update, publish=publish, cfg_override=override,
-                         pause=s.r2m_updater_pause, threads=s.r2m_updater_threads)
+                         pause=s.r2m_updater_pause)
     return R2MService(s, svc, updater, queue, d_policy)
 
 

@@ -82,13 +82,11 @@ class R2MUpdater:
 
     def __init__(self, store: HeadStore, queue: MemoryFeedbackQueue | RedisFeedbackQueue, *,
                  steps_per_update: int = 1, publish: Callable[[str, Path], None] | None = None,
-                 cfg_override: Callable[[R2MHead], None] | None = None, pause: float = 0.0,
-                 threads: int = 0) -> None:
+                 cfg_override: Callable[[R2MHead], None] | None = None, pause: float = 0.0) -> None:
         self.store = store
         self.queue = queue
         self.steps_per_update = steps_per_update
         self.pause = pause
-        self.threads = threads  # intra-op threads of the updater thread only (thread-local in torch's OpenMP build)
         self.publish = publish
         self._cfg_override = cfg_override
         number = store.active_number()
@@ -293,8 +291,7 @@ class R2MUpdater:
         self._ack([])
 
     def _run(self) -> None:
-        if self.threads > 0:  # leave the other cores to the model worker
-            torch.set_num_threads(self.threads)
+        # (torch.set_num_threads here would not stay in this thread: it changes the whole process, measured)
         backoff = 0.1
         while not self._stop.is_set():
             try:
