@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="completions per prompt (TRL num_generations)")
     args = ap.parse_args()
     policy, tok = tiny_policy()
+    tok.padding_side = "left"  # decoder-only generation; the pads are dropped again by HiddenStateCapture.rows
     with FeedbackStream(args.url, dtype="bfloat16", max_positions=512) as feedback:
         for step in range(args.steps):
             prompts = [p for p in PROMPTS for _ in range(args.k)]  # TRL layout: K copies of each prompt in a row
