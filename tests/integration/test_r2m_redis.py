@@ -93,3 +93,30 @@ def test_stream_score_kill9_restart_exactly_once(tiny_llama_dir: Path, tmp_path:
             assert r.xlen(stream) == 0  # acknowledged and deleted
         finally:
             srv2.stop()
+
+
+def test_fleet_ingest_anywhere_one_updater_heads_reach_every_replica(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Replica B only ingests (REWARDKIT_R2M_UPDATER=false); A's updater consumes the shared stream and publishes;
+    B installs the published head and scores with it, with the same weights."""
+    require_redis()
+    with RedisProcess(tmp_path) as rp:
+        a = ServerProcess(tiny_llama_dir, tmp_path, "--redis-url", rp.url, "--max-length", "128", env=ENV).start()
+        b = ServerProcess(tiny_llama_dir, tmp_path, "--redis-url", rp.url, "--max-length", "128",
+                          env={**ENV, "REWARDKIT_R2M_UPDATER": "false"}).start()
+        try:
+            assert httpx.get(b.url + "/v1/r2m/status").json()["updater_running"] is False
+            with FeedbackStream(b.url) as fs:  # sent to the replica without an updater
+                _send(fs, "fleet", range(4))
+            _wait(lambda: _heads(a.url)["active"] != "r2m-000000")
+            new = _heads(a.url)["active"]
+            _wait(lambda: _heads(b.url)["active"] == new)  # published through Redis, installed on B
+            rng = np.random.default_rng(1)
+            hid = [rng.normal(size=(4, D_P)) for _ in range(2)]
+            items = [{"prompt": "Q", "response": "yes"}, {"prompt": "Q", "response": "no"}]
+            ra = r2m_rewards(a.url, ["p", "p"], [0, 1], 3, hid, items, dtype="float32")
+            rb = r2m_rewards(b.url, ["p", "p"], [0, 1], 3, hid, items, dtype="float32")
+            assert ra["head_version"] == rb["head_version"] == new
+            assert rb["rewards"] == pytest.approx(ra["rewards"], rel=1e-5, abs=1e-6)  # the same weights
+        finally:
+            b.stop()
+            a.stop()

@@ -177,3 +177,21 @@ def test_long_sequences_are_pooled_to_max_positions(client: TestClient) -> None:
     frames = _frames("long", k=2, s=100)
     r = client.post("/v1/r2m/rewards", content=encode_stream(frames), headers=OCTET)
     assert r.status_code == 200 and all(np.isfinite(R2MRewardResponse.model_validate(r.json()).rewards))
+
+
+def test_streams_are_exempt_from_max_body_bytes_but_bounded_by_their_own_limit(client: TestClient) -> None:
+    frames = _frames("big", k=4, s=400)  # 4 x 400 x 12 x 4 bytes = 77 KB > max_body_bytes = 50 KB
+    body = encode_stream(frames)
+    assert len(body) > 50_000
+    r = client.post("/v1/r2m/feedback", content=body, headers=OCTET)
+    assert r.status_code == 200 and FeedbackResponse.model_validate(r.json()).accepted_frames == 4
+    assert client.post("/v1/rewards", content=b"{" + b" " * 60_000 + b"}",
+                       headers={"content-type": "application/json"}).status_code == 413  # others still limited
+    r2m = client.app.state.rk.extras["r2m"]  # type: ignore[attr-defined]
+    old = r2m.settings.r2m_max_stream_bytes
+    r2m.settings.r2m_max_stream_bytes = 10_000
+    try:
+        r = client.post("/v1/r2m/feedback", content=encode_stream(_frames("big2", k=4, s=100)), headers=OCTET)
+    finally:
+        r2m.settings.r2m_max_stream_bytes = old
+    assert r.status_code == 413 and "r2m_max_stream_bytes=10000" in _err(r).error.message
