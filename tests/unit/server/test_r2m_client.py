@@ -99,3 +99,21 @@ def test_hidden_state_capture_matches_last_hidden_state() -> None:
     assert [r.shape for r in rows] == [(7, 16), (5, 16)]
     with pytest.raises(RuntimeError):
         cap.pop()
+
+
+def test_reward_client_methods_use_its_url_and_key() -> None:
+    from rewardkit.client import RewardClient
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"accepted_frames": 1})
+
+    with RewardClient("http://rk:1", api_key="secret-key-123") as rk:
+        fs = rk.stream_feedback(transport=httpx.MockTransport(handler), batch_frames=1)
+        fs.add("g", 0, 0, np.ones((2, 4), np.float32), {"text": "a"})
+        fs.close()
+    assert str(seen[0].url) == "http://rk:1/v1/r2m/feedback"
+    assert seen[0].headers["authorization"] == "Bearer secret-key-123"
+    assert seen[0].headers["content-type"] == "application/octet-stream"

@@ -169,6 +169,22 @@ class RewardClient(_BaseRewardClient):
                 raise TimeoutError(f"no server ready after {timeout:.0f} s: {self.base_urls}", phase="ready")
             time.sleep(poll_interval)
 
+    # -- R2M (rewardkit.client.feedback; docs/r2m.md) --------------------------------------------------------
+    def r2m_rewards(self, group_ids: Sequence[str], indices: Sequence[int], round: int, hidden: Sequence[Any],
+                    items: Sequence[Mapping[str, Any]], **options: Any) -> dict[str, Any]:
+        """R2M rewards for items with their policy hidden states (``POST /v1/r2m/rewards``), from this client's
+        first URL with its API key. ``options``: dtype, max_positions, timeout."""
+        from rewardkit.client.feedback import r2m_rewards
+
+        return r2m_rewards(self, group_ids, indices, round, hidden, items, **options)
+
+    def stream_feedback(self, **options: Any) -> Any:
+        """A :class:`rewardkit.client.feedback.FeedbackStream` to this client's first URL with its API key."""
+        from rewardkit.client.feedback import FeedbackStream
+
+        return FeedbackStream(self, **options)
+    # -- end R2M ----------------------------------------------------------------------------------------------
+
     def close(self) -> None:
         """Close the connection pool (only when this client created it)."""
         if self._owns_http:
