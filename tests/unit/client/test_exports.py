@@ -12,6 +12,8 @@ EXPECTED_CLIENT = {
     "AsyncRewardClient",
     "RewardClient",
     "DenseReward",
+    "FeedbackStream",
+    "HiddenStateCapture",
     "ModelInfo",
     "DEFAULT_TIMEOUT",
     "__version__",

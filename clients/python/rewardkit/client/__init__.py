@@ -29,6 +29,7 @@ from rewardkit.client.errors import (
     TransportError,
     parse_error,
 )
+from rewardkit.client.feedback import FeedbackStream, HiddenStateCapture
 from rewardkit.client.types import DenseReward, ModelInfo
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "DenseReward",
+    "FeedbackStream",
+    "HiddenStateCapture",
     "ModelInfo",
     "NotFoundError",
     "NotReadyError",
