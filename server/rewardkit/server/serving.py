@@ -56,6 +56,8 @@ class RewardService:
         self.settings = settings
         self.rm = rm
         self.metrics = metrics
+        self.abc_options = AbcOptions(layer=settings.abc_layer, num_layers=settings.abc_num_layers,
+                                      renormalize=settings.abc_renormalize)
         self.formatter = Formatter(rm.tokenizer, max_length=settings.max_length, truncate=settings.truncate)
         self.scorer = Scorer(rm, padding_side=settings.padding_side, prefix_sharing=settings.prefix_sharing)
         self.padding_free = settings.padding_free == "on" or (settings.padding_free == "auto" and rm.device.type == "cpu")
@@ -285,6 +287,7 @@ class RewardService:
         scores = await self.score_encoded(encs, dense=True)
         if self.metrics is not None:
             self.metrics.observe_scores(self.rm.model_id, self.rm.head_version, encs, scores, time.monotonic() - t0)
+            self.metrics.observe_abc_entropy([s.attention_entropy for s in scores if s.attention_entropy is not None])
         self.observe_drift(encs, scores)
         return [(e, s, dense_rewards(e, s, opts), sp) for e, s, sp in zip(encs, scores, spans, strict=True)]
 

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         "auto", description="auto: inline on CPU (model on the event-loop thread), a worker thread on GPU")
     padding_free: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: on CPU run each item of a batch unpadded (SDPA's causal kernel), on GPU pad")
+    # ABC dense rewards (beta is per request); see docs/abc.md for why each option exists
+    abc_layer: int = Field(-1, description="layer whose attention row gives the credit (negative: from the end)")
+    abc_num_layers: int = Field(1, ge=1, description="average the rows of this many layers ending at abc_layer")
+    abc_renormalize: bool = Field(True, description="renormalise attention over the response (the paper's code)")
     prefix_sharing: bool = Field(True, description="compute a prompt shared by several items once (KV cache)")
     # limits on what clients control
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)

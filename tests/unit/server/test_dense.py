@@ -122,3 +122,16 @@ def test_pooling_token_classify_equals_rewards_dense(client: TestClient) -> None
 def test_scalar_requests_unaffected(client: TestClient) -> None:
     r = client.post("/v1/rewards", json={"items": [{"prompt": "Say hi.", "response": "Hi!"}]})
     assert r.status_code == 200 and r.json()["results"][0]["dense"] is None
+
+
+def test_attention_entropy_is_exported(client: TestClient) -> None:
+    def count() -> float:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith("rewardkit_abc_attention_entropy_count"):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = count()
+    r = client.post("/v1/rewards", json={"items": [{"prompt": "2+2?", "response": "four, I think"}] * 3, "dense": True})
+    assert r.status_code == 200
+    assert count() == before + 3
