@@ -173,6 +173,9 @@ class PrefixSharer:
         self.max_kv_tokens = max_kv_tokens
         self.max_padding = max_padding
         self.min_fraction = min_fraction
+        # packed: a group's completions in one row with a block mask (no padding, no cache copies; measured faster
+        # on CPU); batched: right-padded rows over the expanded cache (max_padding, max_kv_tokens apply).
+        self.mode = "packed"
         self.stats = PrefixStats()
         self._support: dict[int, bool] = {}  # id(model) -> supported
         self._lock = threading.Lock()
@@ -214,20 +217,51 @@ class PrefixSharer:
         while start < len(need):
             width = ridx[need[start]] - p + 1
             stop, real = start + 1, width
-            while stop < len(need) and (stop - start + 1) * (p + width) <= self.max_kv_tokens:
+            while stop < len(need):
                 c = ridx[need[stop]] - p + 1
-                if 1 - (real + c) / ((stop - start + 1) * width) > self.max_padding:
+                if self.mode == "packed":  # one row: the mask is (S, P + S) for S packed tokens
+                    if (real + c) * (p + real + c) > self.max_kv_tokens * 64:
+                        break
+                elif ((stop - start + 1) * (p + width) > self.max_kv_tokens
+                      or 1 - (real + c) / ((stop - start + 1) * width) > self.max_padding):
                     break
                 real += c
                 stop += 1
             chunk = need[start:stop]
             rows = len(chunk)
-            h_chunk = self._run_completions(rm, cache, p, [members[k].input_ids[p:ridx[k] + 1] for k in chunk])
+            tails: list[Sequence[int]] = [members[k].input_ids[p:ridx[k] + 1] for k in chunk]
+            run = self._run_packed if self.mode == "packed" else self._run_completions
+            h_chunk = run(rm, cache, p, tails)
             for row, k in enumerate(chunk):
                 result[k] = h_chunk[row]
             start += rows
         assert all(h is not None for h in result)
         return torch.stack(result)  # type: ignore[arg-type]
+
+    def _run_packed(self, rm: RewardModel, cache: object, p: int, tails: list[Sequence[int]]) -> torch.Tensor:
+        """Run completions packed into ONE row after the batch-1 prefix cache; return each one's last hidden state.
+
+        No padding and no cache expansion: a 4-D additive mask lets each completion token see the prefix and the
+        earlier tokens of its own completion only; position ids restart at P for every completion. (n, H).
+        """
+        dev = rm.device
+        lens = [len(t) for t in tails]
+        total = sum(lens)
+        ids = torch.tensor([[t for tail in tails for t in tail]], dtype=torch.long, device=dev)  # (1, S)
+        pos = torch.cat([torch.arange(p, p + n) for n in lens])[None].to(dev)  # (1, S)
+        seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # (S,) completion of each token
+        ar = torch.arange(total)
+        own = (seg[:, None] == seg[None, :]) & (ar[:, None] >= ar[None, :])  # (S, S) causal within a completion
+        allowed = torch.cat([torch.ones((total, p), dtype=torch.bool), own], dim=1)  # (S, P + S)
+        mask = torch.zeros((1, 1, total, p + total), dtype=rm.dtype)  # (1, 1, S, P + S) additive
+        mask.masked_fill_(~allowed[None, None], torch.finfo(rm.dtype).min)
+        out = rm.body(input_ids=ids, attention_mask=mask.to(dev), position_ids=pos, past_key_values=cache,
+                      use_cache=True)
+        cache.crop(-total)  # type: ignore[attr-defined]  # (1, kv, P + S, d) -> (1, kv, P, d)
+        last = torch.tensor(lens).cumsum(0) - 1  # (n,)
+        self.stats.tokens_computed += total
+        self.stats.forwards += 1
+        return out.last_hidden_state[0, last.to(dev)]  # (n, H)
 
     def _run_completions(self, rm: RewardModel, cache: object, p: int, tails: list[Sequence[int]]) -> torch.Tensor:
         """Run completions against the batch-1 prefix cache; return the last real token's hidden state, (n, H).

@@ -132,16 +132,18 @@ def plain_and_reference(rm: RewardModel, items: list[EncodedItem], side: str) ->
     return plain, [reference_score(rm, e) for e in items]
 
 
+@pytest.mark.parametrize("mode", ["packed", "batched"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_shared_equals_plain(arch: str, side: str, tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> None:
+def test_shared_equals_plain(mode: str, arch: str, side: str, tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> None:
     rm = load_reward_model(tiny_llama_dir if arch == "llama" else tiny_gpt2_dir)
     items = grpo_items(rm)
     order = list(range(len(items)))
     random.Random(2).shuffle(order)  # group members arrive interleaved, as from separate requests
     items = [items[i] for i in order]
     scorer = Scorer(rm, padding_side=side)
-    assert scorer.prefix_sharing  # on by default
+    assert scorer.prefix_sharing and scorer.prefix.mode == "packed"  # on by default, packed by default
+    scorer.prefix.mode = mode
     got = scorer.score_batch(items, return_hidden=True)
     plain, ref = plain_and_reference(rm, items, side)
     torch.testing.assert_close(torch.tensor([s.reward for s in got]), torch.tensor(plain), atol=ATOL, rtol=RTOL)
@@ -156,7 +158,8 @@ def test_shared_equals_plain(arch: str, side: str, tiny_llama_dir: Path, tiny_gp
         assert a.num_tokens == b.num_tokens and a.truncated == b.truncated
 
 
-def test_truncated_items_and_small_chunks(tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["packed", "batched"])
+def test_truncated_items_and_small_chunks(mode: str, tiny_llama_dir: Path) -> None:
     """Left-truncated items (prompt cut) and a tiny KV budget that splits each group into several chunks."""
     rm = load_reward_model(tiny_llama_dir)
     fmt = Formatter(rm.tokenizer, max_length=48)
@@ -166,11 +169,14 @@ def test_truncated_items_and_small_chunks(tiny_llama_dir: Path) -> None:
     # equal-length tails that differ at the end: truncated by the same amount, so they still share a prefix
     items += [fmt.encode(ScoreItem(prompt=long_prompt, response=f"answer {d}")) for d in "0123"]
     scorer = Scorer(rm)
-    scorer.prefix.max_kv_tokens = 60  # (P + C) per row ~ 48: one row per chunk
+    scorer.prefix.mode = mode
+    scorer.prefix.max_kv_tokens = 1 if mode == "packed" else 60  # one completion per chunk
     got = [s.reward for s in scorer.score_batch(items)]
     _, ref = plain_and_reference(rm, items, "right")
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=ATOL, rtol=RTOL)
-    assert scorer.prefix.stats.groups >= 1
+    st = scorer.prefix.stats
+    assert st.groups >= 1
+    assert st.forwards >= 2 * st.groups  # several chunks per group
     assert all(s.truncated == e.truncated for s, e in zip(scorer.score_batch(items), items, strict=True))
 
 
@@ -235,6 +241,7 @@ def test_padding_cap_splits_completion_chunks(max_padding: float, tiny_llama_dir
     fmt = Formatter(rm.tokenizer, max_length=512)
     items = [fmt.encode(ScoreItem(prompt=PROMPT, response=c)) for c in COMPLETIONS[:4]]  # 4 distinct lengths
     scorer = Scorer(rm)
+    scorer.prefix.mode = "batched"
     scorer.prefix.max_padding = max_padding
     got = [s.reward for s in scorer.score_batch(items)]
     _, ref = plain_and_reference(rm, items, "right")
