@@ -79,7 +79,7 @@ class RewardForward(nn.Module):
         self.rule = rule
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        body = self.model.base_model  # the transformer without its head
+        body: Any = self.model.base_model  # the transformer without its head
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state  # (B, T, H)
         idx = reward_indices(ids, mask, self.pad_token_id, self.rule)  # (B,)
         h_r = hidden[torch.arange(ids.shape[0], device=ids.device), idx]  # (B, H)
@@ -367,7 +367,7 @@ def _save(cfg: BTConfig, rm: RewardModel, out: Path, peft_model: Any, command: s
 
     backbone, gguf = _backbone_reference(cfg, rm)
     if cfg.mode == "full":
-        model = peft_model.merge_and_unload() if peft_model is not None else rm.model
+        model: Any = peft_model.merge_and_unload() if peft_model is not None else rm.model
         model.save_pretrained(out / "backbone", safe_serialization=True)
         rm.tokenizer.save_pretrained(out / "backbone")
         backbone, gguf = "backbone", None

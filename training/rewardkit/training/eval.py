@@ -157,8 +157,8 @@ def _score_from_features(rm: RewardModel, pairs: Sequence[EncodedPair], max_toke
     with torch.no_grad():
         qc = head(h_c.to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()  # (N,)
         qr = head(h_r.to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()
-    norm = (lambda q: (q - rm.meta.norm_mean) / rm.meta.norm_std)
-    return norm(qc), norm(qr), qc, qr
+    mean, std = rm.meta.norm_mean, rm.meta.norm_std
+    return (qc - mean) / std, (qr - mean) / std, qc, qr
 
 
 def evaluate(rm: RewardModel, pairs: Sequence[PreferencePair], *, name: str = "data", max_length: int = 2048,

@@ -138,9 +138,9 @@ def extract_features(rm: RewardModel, pairs: Sequence[EncodedPair], *, max_token
             items = [pairs[i].chosen for i in batch] + [pairs[i].rejected for i in batch]
             scores = scorer.score_batch(items, return_hidden=True)
             for j, i in enumerate(batch):
-                assert scores[j].hidden is not None and scores[len(batch) + j].hidden is not None
-                h_c[i] = scores[j].hidden
-                h_r[i] = scores[len(batch) + j].hidden
+                hc, hr = scores[j].hidden, scores[len(batch) + j].hidden
+                assert hc is not None and hr is not None
+                h_c[i], h_r[i] = hc, hr
             bar.update(sum(pairs[i].num_tokens for i in batch))
     if cache_path is not None:
         atomic_save_safetensors({"chosen": h_c, "rejected": h_r}, cache_path)
