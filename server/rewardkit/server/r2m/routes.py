@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from rewardkit.core.errors import ConfigError
 from rewardkit.core.r2m import R2MConfig, R2MHead
-from rewardkit.server.deps import AppState, app_state, get_service, require_api_key
+from rewardkit.server.deps import AppState, app_state, check_service, require_api_key
 from rewardkit.server.errors import BadRequest, NotFound, NotReady
 from rewardkit.server.protocol import ErrorResponse
 from rewardkit.server.r2m.feedback import MemoryFeedbackQueue, RedisFeedbackQueue
@@ -33,7 +33,7 @@ BINARY = {"requestBody": {"content": {"application/octet-stream": {"schema": {"t
 
 
 def get_r2m(request: Request) -> R2MService:
-    get_service(request)  # 503 while loading / shutting down
+    check_service(request)  # 503 while loading / shutting down
     st = app_state(request)
     r2m = st.extras.get("r2m")
     if r2m is None:
