@@ -10,7 +10,10 @@
     Feedback variants: "encoder" = MiniLM token states of prompt+response (S x 384; a frozen encoder standing in
     for the policy's last layer), "noise" = Gaussian with the same shape and per-dimension scale, and
     "informed" = encoder states plus a +/- direction for the checker's label (a policy whose states encode whether
-    its own answer is right: the paper's premise, made explicit).
+    its own answer is right: the paper's premise, made explicit). ``--pool 16,4,1`` adds "answer" variants that
+    measure what strided position pooling (``wire.reduce_positions``, the client's ``max_positions``) costs: the
+    label direction sits on the last quarter of the positions only (the answer's tokens, not the prompt's), sent
+    at full length ("answer") and pooled to N positions ("answer@N").
 (b) Cost. The real server process (tiny random Llama RM, hidden 64; policy hidden 576 bf16, S=256): latency of
     /v1/rewards vs /v1/r2m/rewards for GRPO-shaped requests (4 items), p99 of /v1/r2m/rewards idle vs while a
     feedback stream keeps the updater busy, ingestion MB/s and samples/s.
@@ -103,8 +106,10 @@ def fit_probe(x_win: np.ndarray, x_lose: np.ndarray, steps: int = 400) -> torch.
     return phi
 
 
-def drift_sim(rounds: int, groups_per_round: int, eval_groups: int, k: int, seed: int) -> dict[str, Any]:
+def drift_sim(rounds: int, groups_per_round: int, eval_groups: int, k: int, seed: int,
+              pools: tuple[int, ...] = ()) -> dict[str, Any]:
     from rewardkit.core.r2m import R2MConfig, R2MHead, mix_weight
+    from rewardkit.core.wire import reduce_positions
     from rewardkit.server.r2m.feedback import Entry, FeedbackSample, MemoryFeedbackQueue
     from rewardkit.server.r2m.store import HeadStore
     from rewardkit.server.r2m.updater import R2MUpdater, collate
@@ -156,13 +161,18 @@ def drift_sim(rounds: int, groups_per_round: int, eval_groups: int, k: int, seed
             return (nrng.normal(size=h.shape) * scale).astype(np.float32)
         if mode == "informed":
             return (h + (1.0 if correct else -1.0) * 2.0 * direction).astype(np.float32)
+        if mode.startswith("answer"):  # the label direction on the last quarter of the positions only
+            out = h.astype(np.float32).copy()  # (S, D)
+            tail = max(1, out.shape[0] // 4)
+            out[-tail:] += (1.0 if correct else -1.0) * 2.0 * direction
+            return reduce_positions(out, int(mode.split("@")[1])) if "@" in mode else out
         return h.astype(np.float32)
 
     cfg = R2MConfig(d_rm=384, d_policy=384, d_attn=64, total_rounds=rounds, omega=0.65, lr=3e-3)
     results: dict[str, Any] = {"rounds": [], "config": {
         "rounds": rounds, "groups_per_round": groups_per_round, "eval_groups": eval_groups, "k": k, "lr": cfg.lr,
-        "d_attn": cfg.d_attn, "omega": cfg.omega, "steps_per_update": 4, "seed": seed}}
-    modes = ("encoder", "noise", "informed")
+        "d_attn": cfg.d_attn, "omega": cfg.omega, "steps_per_update": 4, "seed": seed, "pools": list(pools)}}
+    modes = ("encoder", "noise", "informed", *(("answer", *(f"answer@{n}" for n in pools)) if pools else ()))
     updaters = {}
     tmp = tempfile.TemporaryDirectory()
     for mode in modes:
@@ -385,12 +395,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller run (for a smoke test)")
     ap.add_argument("--skip-drift", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--pool", default="", help="position-pooling sizes to measure, e.g. 16,4,1 (adds answer@N)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "r2m.json"))
     args = ap.parse_args()
     res: dict[str, Any] = {"machine": f"{torch.get_num_threads()} torch threads, CPU"}
     if not args.skip_drift:
         res["drift"] = drift_sim(rounds=4 if args.quick else 8, groups_per_round=12 if args.quick else 32,
-                                 eval_groups=8 if args.quick else 24, k=4, seed=0)
+                                 eval_groups=8 if args.quick else 24, k=4, seed=0,
+                                 pools=tuple(int(x) for x in args.pool.split(",") if x))
     if not args.skip_cost:
         res["cost"] = cost(n_req=20 if args.quick else 100, seq=256, d_policy=576)
         c = res["cost"]
