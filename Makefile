@@ -34,7 +34,7 @@ bench: venv
 
 lint: venv
 	$(VENV)/bin/ruff check core server training clients tests bench
-	$(VENV)/bin/mypy core/rewardkit server/rewardkit clients/python/rewardkit
+	$(VENV)/bin/mypy core/rewardkit server/rewardkit clients/python/rewardkit training/rewardkit
 
 clean:
 	rm -rf $(VENV)

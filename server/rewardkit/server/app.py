@@ -170,7 +170,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
 
     async def _load() -> None:
         try:
-            model = rm or await asyncio.to_thread(
+            model = rm if rm is not None else await asyncio.to_thread(
                 load_reward_model, settings.model, device=settings.device, dtype=settings.dtype,
                 trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
             state.service = build_service(state, model)

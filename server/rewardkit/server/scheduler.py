@@ -253,8 +253,8 @@ class Scheduler(Generic[P, R]):
                 pairs = []
                 for job in batch:
                     try:
-                        res = await self._call(loop, [job.payload])
-                        pairs.append((job, res[0]))
+                        one = await self._call(loop, [job.payload])
+                        pairs.append((job, one[0]))
                     except Exception as one_exc:
                         pairs.append((job, one_exc))
         seconds = time.monotonic() - t0

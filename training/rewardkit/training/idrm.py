@@ -413,7 +413,8 @@ def _lora_setup(cfg: IdRMConfig, rm: RewardModel, layers: list[int]) -> Any:
 
 def align_layer_indices(rm: RewardModel, k: int) -> list[int]:
     """The last ``k`` layer indices of the student."""
-    n = int(rm.model.config.num_hidden_layers)
+    config: Any = rm.model.config
+    n = int(config.num_hidden_layers)
     if k > n:
         raise ValueError(f"align_layers={k} exceeds the model's {n} layers")
     return list(range(n - k, n))
