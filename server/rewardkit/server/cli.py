@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rewardkit.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -13,6 +17,7 @@ _FLAGS = {  # CLI flag -> Settings field
     "max_wait_ms": "max_wait_ms", "max_queue_items": "max_queue_items", "padding_side": "padding_side",
     "redis_url": "redis_url", "api_keys_file": "api_keys_file", "state_dir": "state_dir",
     "reward_token_rule": "reward_token_rule", "grace_period_s": "grace_period_s",
+    "abc_layer": "abc_layer", "abc_num_layers": "abc_num_layers",
 }
 
 
@@ -38,13 +43,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--api-keys-file", help="file with one API key per line (or REWARDKIT_API_KEYS)")
     p.add_argument("--state-dir", help="where R2M heads are kept (default ./rewardkit-state)")
     p.add_argument("--grace-period-s", type=float, help="SIGTERM drain time (default 30)")
+    p.add_argument("--abc-layer", type=int, help="ABC: layer whose attention row gives the credit (default -1, the last)")
+    p.add_argument("--abc-num-layers", type=int, help="ABC: average the rows of this many layers (default 1)")
+    p.add_argument("--no-abc-renormalize", action="store_true",
+                   help="ABC: keep the raw attention share instead of renormalising over the response")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from rewardkit.server.app import create_app
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """``Settings`` from the environment, overridden by the flags that were given (flags win over env vars)."""
     from rewardkit.server.settings import Settings
 
     overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
@@ -52,7 +59,17 @@ def run(args: argparse.Namespace) -> int:
         overrides["truncate"] = False
     if args.no_prefix_sharing:
         overrides["prefix_sharing"] = False
-    settings = Settings(**overrides)
+    if args.no_abc_renormalize:
+        overrides["abc_renormalize"] = False
+    return Settings(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rewardkit.server.app import create_app
+
+    settings = settings_from_args(args)
     if not settings.is_loopback() and not settings.api_keys:
         log.warning("!!! binding %s beyond loopback WITHOUT API keys: anyone who can reach this port can use the "
                     "server. Set REWARDKIT_API_KEYS or --api-keys-file. !!!", settings.host)
