@@ -217,3 +217,24 @@ def test_config_validation_names_the_field() -> None:
         IdRMConfig(train_file="x", output_dir="y", eta=-1).validate()
     with pytest.raises(ValueError, match="align_layers"):
         IdRMConfig(train_file="x", output_dir="y", align_layers=0).validate()
+
+
+def test_teacher_difference_head_learns_which_response_wins_in_both_orders(tiny_teacher_dir: Path) -> None:
+    """The teacher's pairwise head reads mean(A) - mean(B): a toy preference (the response with "correct" wins)
+    is learned in a few steps, in both orders, and swapping A and B flips the logit's sign."""
+    from rewardkit.training.idrm import finetune_teacher
+
+    torch.manual_seed(0)
+    teacher = Teacher(tiny_teacher_dir, max_length=64)
+    good, bad = "the answer is correct", "the answer is wrong"
+    ex = []
+    for i in range(16):
+        p = f"question {i}"
+        ex.append((teacher.build(p, good, bad), 1.0, i, 0))
+        ex.append((teacher.build(p, bad, good), 0.0, i, 1))
+    cfg = IdRMConfig(train_file="x", output_dir="y", teacher_epochs=8, teacher_batch_size=8, teacher_lr=1e-3)
+    stats = finetune_teacher(teacher, ex, cfg)
+    assert stats["teacher_accuracy"] == 1.0 and stats["teacher_loss"] < 0.5
+    with torch.no_grad():
+        logits, _ = teacher([(e[0][0], e[0][1]) for e in ex], segs=[e[0][3] for e in ex])
+    assert (logits[0::2] > 0).all() and (logits[1::2] < 0).all()
