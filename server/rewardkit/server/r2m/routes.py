@@ -32,7 +32,8 @@ BINARY = {"requestBody": {"content": {"application/octet-stream": {"schema": {"t
                           "required": True}}
 
 
-def get_r2m(request: Request) -> R2MService:
+async def get_r2m(request: Request) -> R2MService:
+    """The R2M service (a dependency: async, no I/O, so FastAPI does not hand it to its thread pool)."""
     check_service(request)  # 503 while loading / shutting down
     st = app_state(request)
     r2m = st.extras.get("r2m")
