@@ -115,7 +115,7 @@ def test_teacher_distribution_includes_cross_response_attention(tiny_teacher_dir
     a, b = "Paris is the capital.", "Berlin is the capital of France, I think."
     ids, types, offs, seg = teacher.build("What is the capital of France?", a, b)
     assert len(ids) == len(types) == len(offs) == len(seg)
-    _, att = teacher([(ids, types)], attentions=True)
+    _, att = teacher([(ids, types, offs, seg)], attentions=True)
     assert att is not None
     ma, mb = teacher_char_mass(att[0], seg, offs, len(a), len(b))
     assert ma.sum() == pytest.approx(1.0) and mb.sum() == pytest.approx(1.0)
@@ -236,5 +236,5 @@ def test_teacher_difference_head_learns_which_response_wins_in_both_orders(tiny_
     stats = finetune_teacher(teacher, ex, cfg)
     assert stats["teacher_accuracy"] == 1.0 and stats["teacher_loss"] < 0.5
     with torch.no_grad():
-        logits, _ = teacher([(e[0][0], e[0][1]) for e in ex], segs=[e[0][3] for e in ex])
+        logits, _ = teacher([e[0] for e in ex])
     assert (logits[0::2] > 0).all() and (logits[1::2] < 0).all()

@@ -189,7 +189,7 @@ def _prompt_text(prompt: Any) -> str:
 
 
 class Teacher(nn.Module):
-    """A bidirectional encoder reading ``[CLS] prompt [SEP] A [SEP] B [SEP]`` with a pairwise logit on [CLS]."""
+    """A bidirectional encoder reading ``[CLS] prompt [SEP] A [SEP] B [SEP]`` with a pairwise difference logit."""
 
     def __init__(self, path: str | Path, max_length: int = 512) -> None:
         super().__init__()
@@ -225,15 +225,15 @@ class Teacher(nn.Module):
         seg = [-1] + [0] * len(ids[0]) + [-1] + [1] * len(ids[1]) + [-1] + [2] * len(ids[2]) + [-1]
         return all_ids, types, offsets, seg  # type: ignore[return-value]
 
-    def forward(self, batch: Sequence[tuple[list[int], list[int]]], attentions: bool = False,
-                segs: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B,) and, when asked, the last layer's head-mean attention (B, T, T).
+    def forward(self, builds: Sequence[tuple[list[int], list[int], Any, list[int]]],
+                attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B,) and, when asked, the last layer's head-mean attention (B, T, T), for inputs from ``build``.
 
-        With ``segs`` (the segment of each token, as ``build`` returns it) the logit is
-        ``w . (mean_{t in A} h_t - mean_{t in B} h_t)``: antisymmetric in A and B by construction and read from the
-        responses' own (jointly encoded) states. Without, ``w . h_CLS``. Measured on the testbed (200 pairs, 2 epochs,
-        lr 1e-4): the [CLS] head stayed at chance (loss ln 2, accuracy 0.505); the difference head is the default.
+        The logit is ``w . (mean_{t in A} h_t - mean_{t in B} h_t)``, read from the responses' own (jointly encoded)
+        states; swapping A and B negates the read-out but not exactly the logit, since positions change the states. Measured on the testbed (200 pairs, 2 epochs, lr 1e-4):
+        a ``w . h_CLS`` head stayed at chance (loss ln 2, accuracy 0.505), so it was removed.
         """
+        batch = [(b[0], b[1]) for b in builds]
         width = max(len(ids) for ids, _ in batch)
         dev = self.classifier.weight.device
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=dev)
@@ -245,16 +245,13 @@ class Teacher(nn.Module):
             mask[r, :len(i)] = 1
         out = self.encoder(input_ids=ids, token_type_ids=types, attention_mask=mask, output_attentions=attentions)
         h = out.last_hidden_state  # (B, T, H)
-        if segs is None:
-            logits = self.classifier(h[:, 0]).squeeze(-1)  # (B,)
-        else:
-            seg = torch.full((len(batch), width), -1, dtype=torch.long, device=dev)  # (B, T)
-            for r, sg in enumerate(segs):
-                seg[r, :len(sg)] = torch.tensor(list(sg))
-            a, b = (seg == 1).float(), (seg == 2).float()  # (B, T)
-            mean_a = (h * a[..., None]).sum(1) / a.sum(1, keepdim=True).clamp(min=1)  # (B, H)
-            mean_b = (h * b[..., None]).sum(1) / b.sum(1, keepdim=True).clamp(min=1)  # (B, H)
-            logits = self.classifier(mean_a - mean_b).squeeze(-1)  # (B,)
+        seg = torch.full((len(batch), width), -1, dtype=torch.long, device=dev)  # (B, T)
+        for r, bl in enumerate(builds):
+            seg[r, :len(bl[3])] = torch.tensor(list(bl[3]))
+        a, b = (seg == 1).float(), (seg == 2).float()  # (B, T)
+        mean_a = (h * a[..., None]).sum(1) / a.sum(1, keepdim=True).clamp(min=1)  # (B, H)
+        mean_b = (h * b[..., None]).sum(1) / b.sum(1, keepdim=True).clamp(min=1)  # (B, H)
+        logits = self.classifier(mean_a - mean_b).squeeze(-1)  # (B,)
         att = out.attentions[-1].mean(1) if attentions else None  # (B, T, T) last layer, heads averaged
         return logits, att
 
@@ -282,7 +279,7 @@ def finetune_teacher(teacher: Teacher, examples: Sequence[tuple[Any, ...]], cfg:
     hist: list[tuple[float, float]] = []
     for _ in range(steps):
         b = [examples[i] for i in next(batches)]
-        logits, _ = teacher([(e[0][0], e[0][1]) for e in b], segs=[e[0][3] for e in b])
+        logits, _ = teacher([e[0] for e in b])
         y = torch.tensor([e[1] for e in b], device=logits.device)
         loss = F.binary_cross_entropy_with_logits(logits, y)
         loss.backward()
@@ -330,7 +327,7 @@ def teacher_distributions(teacher: Teacher, examples: Sequence[tuple[Any, ...]],
                                    for ep in enc]
     for s in range(0, len(examples), batch_size):
         b = examples[s:s + batch_size]
-        _, att = teacher([(e[0][0], e[0][1]) for e in b], attentions=True)
+        _, att = teacher([e[0] for e in b], attentions=True)
         assert att is not None
         for r, (build, _, i, order) in enumerate(b):
             n = len(build[0])
