@@ -96,6 +96,8 @@ def evaluate_ckpt(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         h_c, h_r = extract_features(rm, enc, cache_dir=args.cache, progress=False)
         d = h_c @ w - h_r @ w  # (N,)
         res[split] = float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
+        if args.save_margins:  # per-pair reward margins, for paired comparisons between methods on the same pairs
+            res[f"{split}_margins"] = [round(float(x), 5) for x in d]
         if split == "test" and args.probe_pairs:
             sub = enc[:args.probe_pairs]
             probe = {}
@@ -130,14 +132,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", default=",".join(SPLITS), help="testbed splits to evaluate")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default="", help="append results to this JSON file (default OUT/results.json)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the checkpoints already in OUT/METHOD-sSEED (no training); results go to --json")
+    p.add_argument("--save-margins", action="store_true", help="store each evaluated pair's reward margin")
+    p.add_argument("--paired", default="", help="with --report and stored margins: METHOD_A,METHOD_B pair counts")
+    p.add_argument("--report", default="", help="print the table of this results JSON and exit (no training)")
     args = p.parse_args(argv)
+    if args.report:
+        done = json.loads(Path(args.report).read_text())
+        print(table(done))
+        if args.paired:
+            print(paired(done, *args.paired.split(",")))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    out_json = Path(args.json or Path(args.out) / "results.json")
+    out_json = Path(args.json or Path(args.out) / ("results-eval.json" if args.eval_only else "results.json"))
     runs: list[dict[str, Any]] = json.loads(out_json.read_text()) if out_json.is_file() else []
+    made = Path(args.out) / "results.json"
+    trained: list[dict[str, Any]] = json.loads(made.read_text()) if args.eval_only and made.is_file() else []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for method in args.methods.split(","):
-            path, metrics, cmd = train(method, args, seed)
+            if args.eval_only:  # the training record comes from the run that made the checkpoint
+                path = Path(args.out) / f"{method}-s{seed}"
+                src = [r for r in trained if r["method"] == method and r["seed"] == seed]
+                metrics, cmd = (src[0]["metrics"], src[0]["command"]) if src else ({"wall_seconds": 0.0}, "")
+            else:
+                path, metrics, cmd = train(method, args, seed)
             t_eval = time.time()
             ev = evaluate_ckpt(path, args)
             runs = [r for r in runs if not (r["method"] == method and r["seed"] == seed)]
@@ -151,13 +171,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def paired(runs: list[dict[str, Any]], a: str, b: str) -> str:
+    """Per split and seed, on the same evaluated pairs: how many only A gets right, how many only B (McNemar's
+    discordant pairs) and the exact two-sided sign-test p-value of the seeds' pooled counts."""
+    from math import comb
+
+    by = {(r["method"], r["seed"]): r["eval"] for r in runs}
+    lines = [f"paired {a} vs {b}: split  seed: only-{a} / only-{b}  ...  pooled  p"]
+    for split in SPLITS:
+        cells, wa, wb = [], 0, 0
+        for seed in sorted({s for m, s in by if m == a and (b, s) in by}):
+            ma, mb = by[(a, seed)].get(f"{split}_margins"), by[(b, seed)].get(f"{split}_margins")
+            if not ma or not mb:
+                continue
+            oa = sum(1 for x, y in zip(ma, mb, strict=True) if x > 0 >= y)
+            ob = sum(1 for x, y in zip(ma, mb, strict=True) if y > 0 >= x)
+            wa, wb = wa + oa, wb + ob
+            cells.append(f"s{seed}: {oa}/{ob}")
+        if cells:
+            n, k = wa + wb, min(wa, wb)
+            p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+            lines.append(f"{split}  " + "  ".join(cells) + f"  pooled {wa}/{wb}  p={p:.3f}")
+    return "\n".join(lines)
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by.setdefault(r["method"], []).append(r)
     cols = [c for c in (*SPLITS, *(f"probe{f:.1f}" for f in PROBE))
             if all((c[5:] in r["eval"].get("probe", {})) if c.startswith("probe") else c in r["eval"] for r in runs)]
-    lines = ["method  seeds  " + "  ".join(cols) + "  train_s"]
+    lines = ["method  seeds  " + "  ".join(cols) + "  train_s  s_per_epoch"]
     for m, rs in by.items():
         cells = []
         for c in cols:
@@ -165,7 +209,9 @@ def table(runs: list[dict[str, Any]]) -> str:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{100 * statistics.mean(vals):.1f}±{100 * sd:.1f}")
         secs = statistics.mean(r["metrics"]["wall_seconds"] for r in rs)
-        lines.append(f"{m}  {len(rs)}  " + "  ".join(cells) + f"  {secs:.0f}")
+        per_epoch = [r["metrics"]["seconds_per_epoch"] for r in rs if "seconds_per_epoch" in r["metrics"]]
+        epoch = f"{statistics.mean(per_epoch):.1f}" if per_epoch else "-"
+        lines.append(f"{m}  {len(rs)}  " + "  ".join(cells) + f"  {secs:.0f}  {epoch}")
     return "\n".join(lines)
 
 

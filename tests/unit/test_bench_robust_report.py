@@ -1,0 +1,48 @@
+"""bench/bench_robust.py's report: the table's mean/spread and the paired (McNemar) counts on stored margins."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("bench_robust", Path(__file__).parents[2] / "bench" / "bench_robust.py")
+assert _spec and _spec.loader
+br = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(br)
+
+
+def _run(method: str, seed: int, margins: list[float], per_epoch: float | None = None) -> dict:
+    acc = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+    metrics = {"wall_seconds": 10.0 * (seed + 1)}
+    if per_epoch is not None:
+        metrics["seconds_per_epoch"] = per_epoch
+    return {"method": method, "seed": seed, "metrics": metrics,
+            "eval": {"test_late_evidence": acc, "test_late_evidence_margins": margins}}
+
+
+def test_paired_counts_only_discordant_pairs_and_pools_seeds() -> None:
+    runs = [_run("a", 0, [1, 1, -1, 1]), _run("b", 0, [1, -1, -1, -1]),
+            _run("a", 1, [1, -1, 1, 1]), _run("b", 1, [-1, 1, 1, 1])]
+    out = br.paired(runs, "a", "b")
+    line = next(ln for ln in out.splitlines() if ln.startswith("test_late_evidence"))
+    # seed 0: only a right on pairs 1 and 3; seed 1: only a on pair 0, only b on pair 1 -> pooled 3/1
+    assert "s0: 2/0" in line and "s1: 1/1" in line and "pooled 3/1" in line
+    assert "p=0.625" in line  # exact two-sided sign test, n=4, k=1: 2 * (1 + 4) / 16
+
+
+def test_paired_rejects_margins_of_different_pairs() -> None:
+    with pytest.raises(ValueError):
+        br.paired([_run("a", 0, [1, 1]), _run("b", 0, [1, 1, 1])], "a", "b")
+
+
+def test_table_mean_and_spread_over_seeds(tmp_path: Path) -> None:
+    runs = [_run("idrm", 0, [1, 1, -1, -1], 4.0), _run("idrm", 1, [1, 1, 1, -1], 6.0)]  # 50 % and 75 %
+    out = br.table(runs).splitlines()
+    assert out[0].split()[:3] == ["method", "seeds", "test_late_evidence"]
+    assert out[1].split() == ["idrm", "2", "62.5±17.7", "15", "5.0"]
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(runs))
+    assert br.main(["--report", str(f), "--paired", "idrm,idrm"]) == 0
