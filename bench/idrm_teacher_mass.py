@@ -1,0 +1,71 @@
+"""Where Id-RM's teacher puts its mass: the share on each response's answer span, against the span's uniform share.
+
+    python bench/idrm_teacher_mass.py --out runs/idrm-B --seeds 0,1,2
+
+Reads the teacher distributions ``rewardkit train idrm`` cached (``--cache``, the same key as training: run
+``bench/bench_robust.py ... --methods idrm`` first; a cache miss fine-tunes the teacher again, minutes on a CPU) for
+the seed's training subset, and for every testbed pair with an ``answer_span`` prints the ratio (mass on the span) /
+(span characters / response characters): 1.0 = no preference for the evidence, higher = the teacher reads the answer.
+Split by whether the response carries the length artifact (padding sentences after the answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--testbed", default="data/testbed")
+    p.add_argument("--out", default="runs/idrm-B", help="bench_robust.py's --out (the seed's bt-sN start checkpoint)")
+    p.add_argument("--cache", default="data/robust-cache")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lora-pairs", type=int, default=200)
+    p.add_argument("--teacher-epochs", type=float, default=2.0)
+    args = p.parse_args(argv)
+
+    from rewardkit.core.formatting import Formatter
+    from rewardkit.core.loading import load_reward_model
+    from rewardkit.training.bt import _load_pairs
+    from rewardkit.training.features import encode_pairs
+    from rewardkit.training.idrm import IdRMConfig, teacher_targets
+
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        cfg = IdRMConfig(model=str(Path(args.out) / f"bt-s{seed}"), mode="lora", train_file=args.testbed,
+                         output_dir="unused", max_train_pairs=args.lora_pairs, max_length=1024, seed=seed,
+                         teacher_epochs=args.teacher_epochs, teacher_cache_dir=args.cache)
+        pairs, _, _ = _load_pairs(cfg.train_file, "train", cfg.max_train_pairs, cfg.seed, cfg.max_drop_fraction)
+        rm = load_reward_model(cfg.model, device="cpu", dtype="float32")
+        enc, _ = encode_pairs(pairs, Formatter(rm.tokenizer, max_length=cfg.max_length))
+        masses, report = teacher_targets(cfg, enc)
+        for ep, (mc, mr) in zip(enc, masses, strict=True):
+            span = ep.pair.meta.get("answer_span")
+            length = (ep.pair.meta.get("artifacts") or {}).get("length") or {}
+            if not span:
+                continue
+            for side, mass, text in (("chosen", mc, ep.chosen.response), ("rejected", mr, ep.rejected.response)):
+                a, b = span[side]
+                if b <= a or mass.sum() <= 0:
+                    continue
+                ratio = float(mass[a:b].sum()) / ((b - a) / len(text))
+                padded = bool(length.get("present")) and length.get("on") == side
+                rows.append((seed, padded, ratio, float(mass[a:b].sum())))
+        print(f"seed {seed}: cache_hit={report.get('cache_hit')} teacher_accuracy={report.get('teacher_accuracy')}")
+    for name, sel in (("all", rows), ("padded (length artifact)", [r for r in rows if r[1]]),
+                      ("not padded", [r for r in rows if not r[1]])):
+        if not sel:
+            continue
+        ratios = [r[2] for r in sel]
+        shares = [r[3] for r in sel]
+        above = sum(x > 1 for x in ratios) / len(ratios)
+        print(f"{name:26s} n={len(sel):4d}  span mass / uniform: mean {statistics.mean(ratios):.2f} "
+              f"median {statistics.median(ratios):.2f}  above uniform {100 * above:.0f}%  "
+              f"mass on span: mean {statistics.mean(shares):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
