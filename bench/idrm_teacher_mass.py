@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
+
+
+def span_share(mass: Sequence[float], span: Sequence[int]) -> tuple[float, float]:
+    """(mass on the characters ``span[0]:span[1]``, that mass / the span's uniform share ``(b - a) / len(mass)``)."""
+    a, b = int(span[0]), int(span[1])
+    if not 0 <= a < b <= len(mass):
+        raise ValueError(f"span {span} outside a response of {len(mass)} characters")
+    share = float(sum(mass[a:b]))
+    return share, share / ((b - a) / len(mass))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,13 +56,12 @@ def main(argv: list[str] | None = None) -> int:
             length = (ep.pair.meta.get("artifacts") or {}).get("length") or {}
             if not span:
                 continue
-            for side, mass, text in (("chosen", mc, ep.chosen.response), ("rejected", mr, ep.rejected.response)):
-                a, b = span[side]
-                if b <= a or mass.sum() <= 0:
+            for side, mass in (("chosen", mc), ("rejected", mr)):  # char masses: one entry per response character
+                if span[side][1] <= span[side][0] or mass.sum() <= 0:
                     continue
-                ratio = float(mass[a:b].sum()) / ((b - a) / len(text))
+                share, ratio = span_share(mass.tolist(), span[side])
                 padded = bool(length.get("present")) and length.get("on") == side
-                rows.append((seed, padded, ratio, float(mass[a:b].sum())))
+                rows.append((seed, padded, ratio, share))
         print(f"seed {seed}: cache_hit={report.get('cache_hit')} teacher_accuracy={report.get('teacher_accuracy')}")
     for name, sel in (("all", rows), ("padded (length artifact)", [r for r in rows if r[1]]),
                       ("not padded", [r for r in rows if not r[1]])):

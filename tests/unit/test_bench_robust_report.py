@@ -46,3 +46,18 @@ def test_table_mean_and_spread_over_seeds(tmp_path: Path) -> None:
     f = tmp_path / "r.json"
     f.write_text(json.dumps(runs))
     assert br.main(["--report", str(f), "--paired", "idrm,idrm"]) == 0
+
+
+def test_teacher_mass_span_share_against_uniform() -> None:
+    spec = importlib.util.spec_from_file_location("idrm_teacher_mass",
+                                                  Path(__file__).parents[2] / "bench" / "idrm_teacher_mass.py")
+    assert spec and spec.loader
+    tm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tm)
+    uniform = [0.1] * 10
+    assert tm.span_share(uniform, (2, 4)) == pytest.approx((0.2, 1.0))  # no preference: ratio 1
+    peaked = [0.0] * 10
+    peaked[3] = 1.0
+    assert tm.span_share(peaked, (2, 4)) == pytest.approx((1.0, 5.0))  # all mass on 2 of 10 chars: 5x uniform
+    with pytest.raises(ValueError, match="outside"):
+        tm.span_share(uniform, (8, 12))
