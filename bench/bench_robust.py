@@ -68,7 +68,8 @@ def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[
         cfg = {**base, "model": str(start), "mode": "lora", "max_train_pairs": args.lora_pairs,
                "num_epochs": args.lora_epochs, "learning_rate": args.lora_lr, "batch_size": 8, "feature_cache_dir": "",
                "eta": 0.0 if method == "bt_lora" else args.eta, "align_layers": args.k,
-               "teacher_epochs": args.teacher_epochs, "teacher_cache_dir": args.cache, "logging_steps": 5}
+               "teacher_epochs": args.teacher_epochs, "teacher_cache_dir": args.cache, "logging_steps": 5,
+               **({"lora_layers": args.lora_layers} if args.lora_layers else {})}
         cmd = "rewardkit train idrm " + _flags(cfg)
         metrics = train_idrm(IdRMConfig(**cfg), command=cmd).metrics
     else:
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-lr", type=float, default=2e-4)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--lora-layers", default="", help="layers LoRA adapts, e.g. 14-29 or 26,27 (default: the last K)")
     p.add_argument("--teacher-epochs", type=float, default=2.0)
     p.add_argument("--splits", default=",".join(SPLITS), help="testbed splits to evaluate")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paired", default="", help="with --report and stored margins: METHOD_A,METHOD_B pair counts")
     p.add_argument("--report", default="", help="print the table of this results JSON and exit (no training)")
     args = p.parse_args(argv)
+    if "-" in args.lora_layers:  # a range a-b -> "a,...,b", as rewardkit train idrm --lora-layers takes it
+        lo, hi = (int(x) for x in args.lora_layers.split("-"))
+        args.lora_layers = ",".join(str(i) for i in range(lo, hi + 1))
     if args.report:
         done = json.loads(Path(args.report).read_text())
         print(table(done))
