@@ -2,9 +2,9 @@
 
     python bench/idrm_teacher_mass.py --out runs/idrm-B --seeds 0,1,2
 
-Reads the teacher distributions ``rewardkit train idrm`` cached (``--cache``, the same key as training: run
-``bench/bench_robust.py ... --methods idrm`` first; a cache miss fine-tunes the teacher again, minutes on a CPU) for
-the seed's training subset, and for every testbed pair with an ``answer_span`` prints the ratio (mass on the span) /
+Reads the teacher distributions that ``rewardkit train idrm`` cached, with the config stored in the run's
+``train_log.jsonl`` (run ``bench/bench_robust.py ... --methods idrm`` first; a cache miss fine-tunes the teacher again,
+minutes on a CPU) for the seed's training subset, and for every testbed pair with an ``answer_span`` prints the ratio (mass on the span) /
 (span characters / response characters): 1.0 = no preference for the evidence, higher = the teacher reads the answer.
 Split by whether the response carries the length artifact (padding sentences after the answer).
 """
@@ -12,6 +12,7 @@ Split by whether the response carries the length artifact (padding sentences aft
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,12 +29,8 @@ def span_share(mass: Sequence[float], span: Sequence[int]) -> tuple[float, float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--testbed", default="data/testbed")
-    p.add_argument("--out", default="runs/idrm-B", help="bench_robust.py's --out (the seed's bt-sN start checkpoint)")
-    p.add_argument("--cache", default="data/robust-cache")
+    p.add_argument("--out", default="runs/idrm-B", help="bench_robust.py's --out (holds idrm-sN/train_log.jsonl)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--lora-pairs", type=int, default=200)
-    p.add_argument("--teacher-epochs", type=float, default=2.0)
     args = p.parse_args(argv)
 
     from rewardkit.core.formatting import Formatter
@@ -44,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        cfg = IdRMConfig(model=str(Path(args.out) / f"bt-s{seed}"), mode="lora", train_file=args.testbed,
-                         output_dir="unused", max_train_pairs=args.lora_pairs, max_length=1024, seed=seed,
-                         teacher_epochs=args.teacher_epochs, teacher_cache_dir=args.cache)
+        with open(Path(args.out) / f"idrm-s{seed}" / "train_log.jsonl", encoding="utf-8") as f:
+            cfg = IdRMConfig(**json.loads(f.readline())["config"])  # the run's own config: the same cache key
         pairs, _, _ = _load_pairs(cfg.train_file, "train", cfg.max_train_pairs, cfg.seed, cfg.max_drop_fraction)
         rm = load_reward_model(cfg.model, device="cpu", dtype="float32")
         enc, _ = encode_pairs(pairs, Formatter(rm.tokenizer, max_length=cfg.max_length))

@@ -230,8 +230,9 @@ class Teacher(nn.Module):
         """Logits (B,) and, when asked, the last layer's head-mean attention (B, T, T), for inputs from ``build``.
 
         The logit is ``w . (mean_{t in A} h_t - mean_{t in B} h_t)``, read from the responses' own (jointly encoded)
-        states; swapping A and B negates the read-out but not exactly the logit, since positions change the states. Measured on the testbed (200 pairs, 2 epochs, lr 1e-4):
-        a ``w . h_CLS`` head stayed at chance (loss ln 2, accuracy 0.505), so it was removed.
+        states; swapping A and B negates the read-out but not exactly the logit, since positions change the states.
+        Measured on the testbed (200 pairs, 2 epochs, lr 1e-4): a ``w . h_CLS`` head stayed at chance (loss ln 2,
+        accuracy 0.505), so it was removed.
         """
         batch = [(b[0], b[1]) for b in builds]
         width = max(len(ids) for ids, _ in batch)
