@@ -33,6 +33,11 @@ class ScoreItem:
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     response_start: int | None = None  # for ``text`` items: where the response begins (chars)
+    # vLLM-compatible options: tokenizer special tokens on plain text (None: the default rule, added on ``text`` and
+    # untemplated items, never on chat-templated ones, whose template carries them), and a per-item cap that keeps
+    # only the last ``keep_last_tokens`` tokens (vLLM's ``truncate_prompt_tokens``; always truncates).
+    add_special_tokens: bool | None = None
+    keep_last_tokens: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +134,8 @@ class Formatter:
 
     def encode(self, item: ScoreItem, index: int = 0, truncate: bool | None = None) -> EncodedItem:
         text, rs, re_, templated = self.render(item, index)
-        enc = self.tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
+        special = (not templated) if item.add_special_tokens is None else item.add_special_tokens
+        enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         n = len(ids)
@@ -137,7 +143,10 @@ class Formatter:
             raise InputError(f"items[{index}]: the item is empty after formatting", field=f"items[{index}]")
         do_truncate = self.truncate if truncate is None else truncate
         truncated = False
-        if n > self.max_length:
+        if item.keep_last_tokens is not None and 0 < item.keep_last_tokens < n:
+            keep = min(item.keep_last_tokens, self.max_length)
+            ids, offsets, truncated = ids[n - keep:], offsets[n - keep:], True
+        elif n > self.max_length:
             if not do_truncate:
                 raise ItemTooLongError(
                     f"items[{index}]: {n} tokens exceeds max_length={self.max_length} and truncation is off",

@@ -17,7 +17,7 @@ _FLAGS = {  # CLI flag -> Settings field
     "max_wait_ms": "max_wait_ms", "max_queue_items": "max_queue_items", "padding_side": "padding_side",
     "redis_url": "redis_url", "api_keys_file": "api_keys_file", "state_dir": "state_dir",
     "reward_token_rule": "reward_token_rule", "grace_period_s": "grace_period_s",
-    "abc_layer": "abc_layer", "abc_num_layers": "abc_num_layers",
+    "abc_layer": "abc_layer", "abc_num_layers": "abc_num_layers", "served_model_name": "served_model_name",
 }
 
 
@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "Start the reward server. Every flag also reads from REWARDKIT_<NAME> (e.g. REWARDKIT_MODEL). "
         "With no --model, serves the embedded SmolLM2-135M-Instruct reward model."))
     p.add_argument("--model", help="HF sequence-classification dir, rewardkit checkpoint, .gguf file, or hub id")
+    p.add_argument("--served-model-name", action="append", metavar="NAME",
+                   help="another name clients may send as `model` (repeatable), e.g. the path a trainer is configured with")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")

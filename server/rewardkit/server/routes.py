@@ -6,7 +6,7 @@ import base64
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from rewardkit.server.deps import get_service, require_api_key
@@ -21,7 +21,7 @@ from rewardkit.server.protocol import (
     Status,
     Usage,
 )
-from rewardkit.server.serving import RewardService, to_score_item
+from rewardkit.server.serving import RewardService, set_score_headers, to_score_item
 
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 503)}
 
@@ -39,7 +39,7 @@ def encode_vector(values: np.ndarray, encoding_format: str) -> str | list[float]
 
 
 @router.post("/v1/rewards", response_model=RewardResponse, dependencies=[Depends(require_api_key)])
-async def rewards(req: RewardRequest, service: Service) -> RewardResponse:
+async def rewards(req: RewardRequest, service: Service, response: Response) -> RewardResponse:
     """Score items; with ``dense: true`` also return ABC token-level reward vectors."""
     service.check_model(req.model)
     items = [to_score_item(it) for it in req.items]
@@ -49,6 +49,7 @@ async def rewards(req: RewardRequest, service: Service) -> RewardResponse:
         scored = await service.score(items, truncate=req.truncate)
         results = [ItemResult(index=i, reward=s.score.reward, num_tokens=s.score.num_tokens,
                               truncated=s.score.truncated) for i, s in enumerate(scored)]
+    set_score_headers(response, service)
     return RewardResponse(model=service.rm.model_id, head_version=service.head_version,
                           rewards=[r.reward for r in results], results=results,
                           usage=Usage(total_tokens=sum(r.num_tokens for r in results)))

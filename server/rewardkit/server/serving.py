@@ -322,9 +322,24 @@ class RewardService:
         return data, sum(s.num_tokens for _, s, _, _ in done)
     # -- end ABC ------------------------------------------------------------------------------------------------
 
+    def model_names(self) -> list[str]:
+        """Names a request may send as ``model``: the model id, the ``--model`` path (as given and resolved),
+        ``--served-model-name`` aliases, and ``default``. verl and vLLM clients send the path they were configured
+        with; OpenAI-style clients send the id from ``/v1/models``."""
+        names = [self.rm.model_id, *self.settings.served_model_name]
+        if self.settings.model:
+            import os
+
+            m = self.settings.model
+            names += [m, m.rstrip("/"), os.path.abspath(m), os.path.basename(m.rstrip("/"))]
+        return list(dict.fromkeys(n for n in names if n))
+
     def check_model(self, model: str | None, field: str = "model") -> None:
-        if model is not None and model not in (self.rm.model_id, "default", ""):
-            raise BadRequest(f"{field}: this server serves {self.rm.model_id!r}, not {model!r}", field=field)
+        if model is None or model in ("default", "") or model in self.model_names() or model.rstrip("/") in self.model_names():
+            return
+        names = ", ".join(repr(n) for n in [self.rm.model_id, *self.settings.served_model_name, "default"])
+        raise BadRequest(f"{field}: this server serves {self.rm.model_id!r}, not {model!r}; send one of {names}, "
+                         "omit the field, or start the server with --served-model-name", field=field)
 
 
 def to_score_item(d: Any) -> ScoreItem:
@@ -349,3 +364,10 @@ def check_unicode(item: ScoreItem, field: str) -> None:
             except UnicodeEncodeError as exc:
                 raise BadRequest(f"{field}: invalid Unicode (lone surrogate U+{ord(s[exc.start]):04X} at character "
                                  f"{exc.start}); send valid UTF-8 text", field=field) from None
+
+
+def set_score_headers(response: Any, service: RewardService) -> None:
+    """Say which model and head scored a response (every scoring endpoint, compatibility ones included), so a
+    trainer can log which R2M head produced a batch without parsing the body."""
+    response.headers["x-rewardkit-model"] = service.rm.model_id
+    response.headers["x-rewardkit-head-version"] = service.head_version

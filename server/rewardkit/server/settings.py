@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     dtype: str | None = Field(None, description="float32, bfloat16, float16; default by device")
     trust_remote_code: bool = Field(False, description="only if you trust the model's code")
     reward_token_rule: Literal["transformers", "last_attended"] | None = None
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="extra names requests may send as `model` (comma-separated), as vLLM's "
+        "--served-model-name; the model id, the --model path and `default` are always accepted")
     padding_side: Literal["left", "right"] = "right"
     # formatting
     max_length: int = Field(2048, ge=8, le=1_000_000, description="max tokens per item after formatting")
@@ -95,6 +98,13 @@ class Settings(BaseSettings):
     r2m_seed: int = Field(0, description="seed of the initial head's random projections")
     r2m_updater_pause: float = Field(0.0, ge=0.0, le=100.0,
                                      description="after each GREBT step, sleep this multiple of its time (yields CPU)")
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _split_names(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ EXPECTED_CLIENT = {
     "FeedbackStream",
     "HiddenStateCapture",
     "ModelInfo",
+    "Scores",
     "DEFAULT_TIMEOUT",
     "__version__",
     "parse_error",
@@ -60,12 +61,12 @@ def test_errors_all_matches_client_errors() -> None:
 def test_adapters_and_types_all() -> None:
     assert set(adapters.__all__) == EXPECTED_ADAPTERS
     assert all(callable(getattr(adapters, n)) for n in adapters.__all__)
-    assert set(types.__all__) == {"DenseReward", "ModelInfo"}
+    assert set(types.__all__) == {"DenseReward", "ModelInfo", "Scores"}
 
 
 def test_import_pulls_no_torch_server_or_core() -> None:
     code = (
-        "import sys, rewardkit.client, rewardkit.client.adapters\n"
+        "import sys, rewardkit.client, rewardkit.client.adapters, rewardkit.client.verl\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'fastapi')"
         " or m.startswith(('rewardkit.server', 'rewardkit.core', 'rewardkit.training')))\n"
         "print(bad)\n"

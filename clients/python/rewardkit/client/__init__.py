@@ -30,7 +30,7 @@ from rewardkit.client.errors import (
     parse_error,
 )
 from rewardkit.client.feedback import FeedbackStream, HiddenStateCapture
-from rewardkit.client.types import DenseReward, ModelInfo
+from rewardkit.client.types import DenseReward, ModelInfo, Scores
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -49,6 +49,7 @@ __all__ = [
     "ResponseFormatError",
     "RewardClient",
     "RewardKitError",
+    "Scores",
     "ServerError",
     "TimeoutError",
     "TransportError",

@@ -34,6 +34,7 @@ from rewardkit.client.errors import (
 from rewardkit.client.types import (
     DenseReward,
     ModelInfo,
+    Scores,
     _ModelList,
     _RewardsResponse,
     decode_float32,
@@ -269,8 +270,10 @@ class _BaseRewardClient:
         return parsed
 
     @classmethod
-    def _parse_scores(cls, data: Any, n: int) -> list[float]:
-        return [float(r) for r in cls._parse_rewards_response(data, n).rewards]
+    def _parse_scores(cls, data: Any, n: int) -> Scores:
+        parsed = cls._parse_rewards_response(data, n)
+        return Scores([float(r) for r in parsed.rewards], model=parsed.model,
+                      head_versions=[parsed.head_version] * n)
 
     @classmethod
     def _parse_dense(cls, data: Any, chunk: list[Item]) -> list[DenseReward]:

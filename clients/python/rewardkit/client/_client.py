@@ -21,7 +21,7 @@ from rewardkit.client._base import (
     _RetryState,
 )
 from rewardkit.client.errors import NotReadyError, TimeoutError
-from rewardkit.client.types import DenseReward, ModelInfo
+from rewardkit.client.types import DenseReward, ModelInfo, Scores
 
 __all__ = ["AsyncRewardClient", "RewardClient"]
 
@@ -88,8 +88,9 @@ class RewardClient(_BaseRewardClient):
         messages: Sequence[Sequence[Mapping[str, Any]]] | None = None,
         texts: Sequence[str] | None = None,
         model: str | None = None,
-    ) -> list[float]:
-        """Scalar rewards, one per input, in input order.
+    ) -> Scores:
+        """Scalar rewards, one per input, in input order, as :class:`~rewardkit.client.Scores` (a ``list[float]``
+        that also carries ``model`` and ``head_version``).
 
         Give exactly one input kind: ``items`` (dicts ``{prompt, response}``, ``{messages}`` or
         ``{text}``), ``prompts`` with ``responses``, ``messages`` (conversations) or ``texts``
@@ -199,12 +200,12 @@ class RewardClient(_BaseRewardClient):
         self.close()
 
     # ------------------------------------------------------------------ I/O
-    def _score_items(self, items: list[Item], *, model: str | None = None, split: bool = True) -> list[float]:
+    def _score_items(self, items: list[Item], *, model: str | None = None, split: bool = True) -> Scores:
         """Score ready-made items; ``split=False`` sends them in one request (used by the adapters)."""
-        out: list[float] = []
+        out = Scores()
         for chunk in self._chunks(items, None if split else max(1, len(items))):
             body = self._score_body(chunk, model, dense=False, beta=0.0)
-            out.extend(self._parse_scores(self._request("POST", "/v1/rewards", body, len(chunk)), len(chunk)))
+            out.extend_from(self._parse_scores(self._request("POST", "/v1/rewards", body, len(chunk)), len(chunk)))
         return out
 
     def _request(self, method: str, path: str, body: Any = None, weight: int = 1) -> Any:
@@ -276,7 +277,7 @@ class AsyncRewardClient(_BaseRewardClient):
         messages: Sequence[Sequence[Mapping[str, Any]]] | None = None,
         texts: Sequence[str] | None = None,
         model: str | None = None,
-    ) -> list[float]:
+    ) -> Scores:
         """Scalar rewards, one per input, in input order (see :meth:`RewardClient.score`)."""
         all_items = self._build_items(items, prompts, responses, messages, texts)
         return await self._score_items(all_items, model=model)
@@ -356,17 +357,20 @@ class AsyncRewardClient(_BaseRewardClient):
     # ------------------------------------------------------------------ I/O
     async def _score_items(
         self, items: list[Item], *, model: str | None = None, split: bool = True
-    ) -> list[float]:
+    ) -> Scores:
         """Score ready-made items; ``split=False`` sends them in one request (used by the adapters)."""
 
-        async def one(chunk: list[Item]) -> list[float]:
+        async def one(chunk: list[Item]) -> Scores:
             body = self._score_body(chunk, model, dense=False, beta=0.0)
             return self._parse_scores(
                 await self._request("POST", "/v1/rewards", body, len(chunk)), len(chunk)
             )
 
         parts = await self._map_bounded(one, self._chunks(items, None if split else max(1, len(items))))
-        return [r for part in parts for r in part]
+        out = Scores()
+        for part in parts:
+            out.extend_from(part)
+        return out
 
     async def _map_bounded(
         self, fn: Callable[[list[Item]], Awaitable[T]], chunks: list[list[Item]]

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from rewardkit.client.errors import ResponseFormatError
 
-__all__ = ["DenseReward", "ModelInfo"]
+__all__ = ["DenseReward", "ModelInfo", "Scores"]
 
 
 @dataclass(eq=False)
@@ -44,6 +44,38 @@ class DenseReward:
 
     def __len__(self) -> int:
         return int(self.token_rewards.shape[0])
+
+
+class Scores(list[float]):
+    """Scalar rewards in input order (a plain ``list[float]``) that also say which model and head produced them.
+
+    Attributes:
+        model: the model id the server reported.
+        head_version: the head version of the response; when a long input was split over several requests and a
+            head was swapped between them, the version of the last one (``head_versions`` has one per item).
+        head_versions: per item, the head version that scored it.
+
+    Example::
+
+        >>> s = rk.score(prompts=["2+2?"], responses=["4"])
+        >>> s[0], s.head_version
+        (1.9, 'a3f9c2d1e4b5')
+    """
+
+    def __init__(self, values: list[float] | None = None, *, model: str | None = None,
+                 head_versions: list[str | None] | None = None) -> None:
+        super().__init__(values or [])
+        self.model = model
+        self.head_versions: list[str | None] = list(head_versions or [None] * len(self))
+
+    @property
+    def head_version(self) -> str | None:
+        return self.head_versions[-1] if self.head_versions else None
+
+    def extend_from(self, other: Scores) -> None:
+        self.extend(other)
+        self.head_versions.extend(other.head_versions)
+        self.model = other.model or self.model
 
 
 class ModelInfo(BaseModel):

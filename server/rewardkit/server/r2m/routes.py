@@ -10,7 +10,7 @@ import logging
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from rewardkit.core.errors import ConfigError
 from rewardkit.core.r2m import R2MConfig, R2MHead
@@ -67,10 +67,13 @@ async def feedback(request: Request, r2m: R2M,
 
 
 @router.post("/rewards", response_model=R2MRewardResponse, openapi_extra=BINARY)
-async def rewards(request: Request, r2m: R2M) -> R2MRewardResponse:
+async def rewards(request: Request, r2m: R2M, response: Response) -> R2MRewardResponse:
     """Rewards from the active R2M head for items + their policy hidden states (RKF1 frames)."""
     _check_binary(request)
-    return await r2m.rewards(request.stream())
+    out = await r2m.rewards(request.stream())
+    response.headers["x-rewardkit-model"] = out.model
+    response.headers["x-rewardkit-head-version"] = out.head_version
+    return out
 
 
 def _head_list(r2m: R2MService) -> HeadList:
