@@ -82,7 +82,7 @@ def evaluate_ckpt(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from rewardkit.core.formatting import Formatter
     from rewardkit.core.loading import load_reward_model
     from rewardkit.training.data import load_preferences
-    from rewardkit.training.eval import mask_item
+    from rewardkit.training.eval import mask_item, probe_tokens
     from rewardkit.training.features import encode_pairs, extract_features
 
     rm = load_reward_model(path, device="cpu", dtype="float32")
@@ -103,8 +103,11 @@ def evaluate_ckpt(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             sub = enc[:args.probe_pairs]
             probe = {}
             for f in PROBE:
-                m = [dataclasses.replace(ep, chosen=mask_item(ep.chosen, f, rm.pad_token_id),
-                                         rejected=mask_item(ep.rejected, f, rm.pad_token_id)) for ep in sub]
+                m = [dataclasses.replace(  # content tokens only: the chat template is never hidden (eval.py)
+                    ep, chosen=mask_item(ep.chosen, f, rm.pad_token_id, "replace",
+                                         probe_tokens(ep.chosen, ep.pair, "chosen", "content")),
+                    rejected=mask_item(ep.rejected, f, rm.pad_token_id, "replace",
+                                       probe_tokens(ep.rejected, ep.pair, "rejected", "content"))) for ep in sub]
                 mc, mr = extract_features(rm, m, cache_dir=args.cache, progress=False)
                 dm = mc @ w - mr @ w
                 probe[f"{f:.1f}"] = float(((dm > 0).float() + 0.5 * (dm == 0).float()).mean())

@@ -114,3 +114,50 @@ def test_data_files_and_cli_json(tiny_llama_dir: Path, tmp_path: Path, capsys: p
     assert [r["name"] for r in payload["results"]] == ["test", "test_clean"]
     assert payload["results"][0]["masking_probe"]["mode"] == "replace"
     assert "test_clean" in capsys.readouterr().out
+
+
+def test_content_probe_never_hides_the_chat_template(tiny_llama_dir: Path) -> None:
+    """The old probe hid the first k% of the formatted text: the system prompt and role markers first."""
+    from rewardkit.training.eval import content_spans, probe_tokens
+    from rewardkit.training.features import encode_pairs
+
+    rm = load_reward_model(tiny_llama_dir)
+    pairs, _ = load_records([{"prompt": "What is the capital of France?", "chosen": "Paris is the capital.",
+                              "rejected": "Rome is the capital."}])
+    ep = encode_pairs(pairs, Formatter(rm.tokenizer))[0][0]
+    enc = ep.chosen
+    assert "<|im_start|>" in enc.text  # the tiny tokenizer has a chat template
+    spans = content_spans(enc, pairs[0].prompt)
+    assert [enc.text[a:b] for a, b in spans] == ["What is the capital of France?", "Paris is the capital."]
+    content = probe_tokens(enc, pairs[0], "chosen", "content")
+    assert content is not None and content
+    hidden = mask_item(enc, 0.999, rm.pad_token_id, "replace", content)
+    special = {rm.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
+    for i, (a, b) in enumerate(hidden.input_ids and zip(enc.input_ids, hidden.input_ids, strict=True)):
+        if a in special:
+            assert b == a, f"template token {i} was hidden"
+        if i in content[:-1] and i != enc.num_tokens - 1:
+            assert b == rm.pad_token_id
+    # the formatted scope (old behaviour) does hide the template's first tokens
+    old = mask_item(enc, 0.2, rm.pad_token_id, "replace", probe_tokens(enc, pairs[0], "chosen", "formatted"))
+    assert old.input_ids[0] == rm.pad_token_id and enc.input_ids[0] in special
+
+
+def test_masking_the_answer_span_drives_accuracy_to_chance(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Sanity case of the probe: testbed clean pairs differ only in the answer span; with it hidden (drop mode),
+    chosen and rejected are the same token sequence, so every pair ties and accuracy is exactly chance."""
+    from rewardkit.training.data import load_preferences
+    from rewardkit.training.testbed.build import make_testbed
+
+    make_testbed(tmp_path / "tb", seed=3, n_train=4, n_val=4, n_test=24)
+    pairs, _ = load_preferences(tmp_path / "tb" / "test_clean.jsonl")
+    rm = load_reward_model(tiny_llama_dir)
+    s = evaluate(rm, pairs, name="clean", probe_fractions=(0.0, 1.0), probe_mode="drop", probe_scope="answer",
+                 progress=False).summary()
+    assert s["masking_probe"]["scope"] == "answer"
+    assert s["masking_probe"]["accuracy"]["1.0"] == 0.5
+    assert s["masking_probe"]["accuracy"]["0.0"] == s["accuracy"]
+    # the same model without the mask does see a difference on (nearly) every pair: no ties
+    assert s["mean_margin"] != 0.0
+    with pytest.raises(ValueError, match="answer_span"):
+        evaluate(rm, load_records(_rows())[0], probe_fractions=(0.0, 0.5), probe_scope="answer", progress=False)

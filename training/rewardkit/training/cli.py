@@ -99,6 +99,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                    help="masking-probe fractions (comma-separated; empty string = no probe)")
     p.add_argument("--probe-mode", choices=["replace", "drop"], default="replace",
                    help="replace hidden tokens by the pad id, or drop them (= attention-mask them)")
+    p.add_argument("--probe-scope", choices=["content", "formatted", "answer"], default="content",
+                   help="what the probe hides: prompt and response content tokens (default; the chat template is "
+                   "never hidden), the whole formatted text (the old probe), or the answer span only (sanity case)")
     p.add_argument("--probe-max-pairs", type=int, default=0, help="run the probe on the first N pairs only (0 = all)")
     p.add_argument("--feature-cache", default=None, metavar="DIR",
                    help="frozen-backbone heads: compute/reuse reward-token hidden states in DIR and apply the head "
@@ -125,6 +128,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         results = evaluate_path(rm, args.data, splits=splits, max_pairs=args.max_pairs, max_length=args.max_length,
                                 max_tokens=args.max_batch_tokens, probe_fractions=fractions,
                                 probe_mode=args.probe_mode, probe_max_pairs=args.probe_max_pairs,
+                                probe_scope=args.probe_scope,
                                 progress=not args.no_progress, feature_cache_dir=args.feature_cache)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

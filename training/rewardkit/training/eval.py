@@ -10,11 +10,16 @@ Reported per data file:
 * ``ece``: expected calibration error of p = sigmoid(raw r_c - raw r_r), the probability the Bradley-Terry model
   assigns to the label. Confidence is max(p, 1 - p), correct means p > 0.5; 10 equal-width bins over [0.5, 1];
   ECE = sum_b (n_b / N) |accuracy_b - confidence_b|. Raw units because that is the scale the BT loss trained;
-* ``masking_probe`` (the Id-RM paper's probe): accuracy when the first 0%, 20%, ..., 80% of each formatted text's
-  tokens (prompt + response, chat template included) are hidden. ``replace`` mode (default) swaps those token ids for
-  the tokenizer's pad id, keeping positions and length; ``drop`` mode removes them from the input, which is the same
-  as attention-masking them with positions recounted from the first visible token. The reward token itself is never
-  hidden. A model that reads the evidence loses accuracy as the mask grows; one that keeps it ignores the evidence.
+* ``masking_probe`` (the Id-RM paper's probe): accuracy when the first 0%, 20%, ..., 80% of each text's *content*
+  tokens are hidden: the tokens of the prompt's message contents and of the response, in reading order. The chat
+  template (role markers, the default system message it inserts, ``<|im_end|>``) is never hidden: hiding the first
+  k% of the formatted text hid only the system prompt at 20-40% (as a run of eos tokens), which measured nothing.
+  ``probe_scope="formatted"`` keeps that old behaviour for comparison; ``probe_scope="answer"`` hides the given
+  fraction of the answer span's tokens only (testbed rows carry ``answer_span``), the sanity case: with the answer
+  fully hidden, chosen and rejected differ in nothing the model can see, and accuracy is chance. ``replace`` mode
+  (default) swaps the hidden token ids for the tokenizer's pad id, keeping positions and length; ``drop`` mode removes
+  them from the input, which is the same as attention-masking them with positions recounted. The reward token itself
+  is never hidden. A model that reads the evidence loses accuracy as the mask grows; one that keeps it ignores it.
 
 Example::
 
@@ -40,10 +45,12 @@ from rewardkit.core.scoring import Scorer
 from rewardkit.training.data import PreferencePair, load_preferences
 from rewardkit.training.features import EncodedPair, encode_pairs, extract_features, pair_batches
 
-__all__ = ["EvalReport", "evaluate", "evaluate_path", "expected_calibration_error", "format_table", "mask_item"]
+__all__ = ["EvalReport", "content_spans", "evaluate", "evaluate_path", "expected_calibration_error", "format_table",
+           "mask_item", "probe_tokens"]
 
 PROBE_FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
 PROBE_MODES = ("replace", "drop")
+PROBE_SCOPES = ("content", "formatted", "answer")
 # Test splits of a testbed directory, in the order reports list them.
 TESTBED_SPLITS = ("test", "test_clean", "test_flip_length", "test_flip_boilerplate", "test_flip_format",
                   "test_late_evidence", "validation")
@@ -63,18 +70,65 @@ def expected_calibration_error(p_label: torch.Tensor, n_bins: int = 10) -> float
     return ece
 
 
-def mask_item(item: EncodedItem, fraction: float, pad_token_id: int, mode: str = "replace") -> EncodedItem:
-    """Hide the first ``fraction`` of the tokens (never the last one). See the module docstring for the modes."""
+def mask_item(item: EncodedItem, fraction: float, pad_token_id: int, mode: str = "replace",
+              tokens: Sequence[int] | None = None) -> EncodedItem:
+    """Hide the first ``fraction`` of ``tokens`` (token indices in reading order; default: every token of the
+    formatted text), never the last token (the reward token). See the module docstring for the modes."""
     n = item.num_tokens
-    k = min(int(math.floor(fraction * n)), n - 1)
+    eligible = [i for i in (range(n) if tokens is None else tokens) if 0 <= i < n - 1]
+    k = min(int(math.floor(fraction * (n if tokens is None else len(eligible)))), len(eligible))
+    if mode not in PROBE_MODES:
+        raise ValueError(f"probe mode must be one of {PROBE_MODES}, got {mode!r}")
     if k <= 0:
         return item
+    hide = set(eligible[:k])
     if mode == "replace":
-        ids = (pad_token_id,) * k + item.input_ids[k:]
+        ids = tuple(pad_token_id if i in hide else t for i, t in enumerate(item.input_ids))
         return dataclasses.replace(item, input_ids=ids)
-    if mode == "drop":
-        return dataclasses.replace(item, input_ids=item.input_ids[k:], offsets=item.offsets[k:])
-    raise ValueError(f"probe mode must be one of {PROBE_MODES}, got {mode!r}")
+    keep = [i for i in range(n) if i not in hide]
+    return dataclasses.replace(item, input_ids=tuple(item.input_ids[i] for i in keep),
+                               offsets=tuple(item.offsets[i] for i in keep))
+
+
+def _overlapping(item: EncodedItem, spans: Sequence[tuple[int, int]]) -> list[int]:
+    return [i for i, (s, e) in enumerate(item.offsets) if e > s and any(s < b and e > a for a, b in spans)]
+
+
+def content_spans(item: EncodedItem, prompt: Any) -> list[tuple[int, int]]:
+    """Character spans of the prompt's message contents (found in order in the text before the response) and of the
+    response: what a masking probe may hide. Template text between them is left out."""
+    if isinstance(prompt, str):
+        contents = [prompt]
+    elif isinstance(prompt, list):
+        contents = [str(m.get("content", "")) for m in prompt if isinstance(m, dict)]
+    else:
+        contents = []
+    spans, pos = [], 0
+    head = item.text[:item.response_start]
+    for c in contents:
+        j = head.find(c, pos) if c else -1
+        if j >= 0:
+            spans.append((j, j + len(c)))
+            pos = j + len(c)
+    spans.append((item.response_start, item.response_end))
+    return spans
+
+
+def probe_tokens(item: EncodedItem, pair: PreferencePair, side: str, scope: str) -> list[int] | None:
+    """The token indices a probe of ``scope`` hides from (None: every token, the ``formatted`` scope)."""
+    if scope == "formatted":
+        return None
+    if scope == "content":
+        return _overlapping(item, content_spans(item, pair.prompt))
+    if scope == "answer":
+        span = (pair.meta.get("answer_span") or {}).get(side)
+        if not span:
+            raise ValueError("probe_scope='answer' needs rows with answer_span (the testbed's); this row has none")
+        a, b = item.response_start + int(span[0]), item.response_start + int(span[1])
+        while a > item.response_start and item.text[a - 1].isspace():  # BPE puts the leading space in the word
+            a -= 1
+        return _overlapping(item, [(a, b)])
+    raise ValueError(f"probe_scope must be one of {PROBE_SCOPES}, got {scope!r}")
 
 
 def _accuracy(diff: torch.Tensor) -> float:
@@ -94,6 +148,7 @@ class EvalReport:
     dropped: dict[str, Any]
     probe: dict[str, float] = dataclasses.field(default_factory=dict)
     probe_mode: str = "replace"
+    probe_scope: str = "content"
     probe_pairs: int = 0
 
     def groups(self) -> dict[str, dict[str, list[int]]]:
@@ -128,7 +183,8 @@ class EvalReport:
             "dropped": self.dropped,
         }
         if self.probe:
-            out["masking_probe"] = {"mode": self.probe_mode, "pairs": self.probe_pairs, "accuracy": self.probe}
+            out["masking_probe"] = {"mode": self.probe_mode, "scope": self.probe_scope, "pairs": self.probe_pairs,
+                                    "accuracy": self.probe}
         return out
 
 
@@ -163,8 +219,8 @@ def _score_from_features(rm: RewardModel, pairs: Sequence[EncodedPair], max_toke
 
 def evaluate(rm: RewardModel, pairs: Sequence[PreferencePair], *, name: str = "data", max_length: int = 2048,
              max_tokens: int = 4096, probe_fractions: Sequence[float] = PROBE_FRACTIONS, probe_mode: str = "replace",
-             probe_max_pairs: int = 0, progress: bool = True, feature_cache_dir: str | Path | None = None
-             ) -> EvalReport:
+             probe_max_pairs: int = 0, progress: bool = True, feature_cache_dir: str | Path | None = None,
+             probe_scope: str = "content") -> EvalReport:
     """Score every pair (dropping over-long ones, counted) and run the masking probe on the first
     ``probe_max_pairs`` pairs (0 = all).
 
@@ -174,9 +230,11 @@ def evaluate(rm: RewardModel, pairs: Sequence[PreferencePair], *, name: str = "d
     """
     if probe_mode not in PROBE_MODES:
         raise ValueError(f"probe_mode must be one of {PROBE_MODES}, got {probe_mode!r}")
+    if probe_scope not in PROBE_SCOPES:
+        raise ValueError(f"probe_scope must be one of {PROBE_SCOPES}, got {probe_scope!r}")
     for f in probe_fractions:
-        if not 0.0 <= f < 1.0:
-            raise ValueError(f"probe fractions must be within [0, 1), got {f}")
+        if not 0.0 <= f <= (1.0 if probe_scope == "answer" else 0.999999):
+            raise ValueError(f"probe fractions must be within [0, 1) ([0, 1] for the answer scope), got {f}")
     enc, report = encode_pairs(pairs, Formatter(rm.tokenizer, max_length=max_length))
     scorer = Scorer(rm, prefix_sharing=False)
 
@@ -187,15 +245,18 @@ def evaluate(rm: RewardModel, pairs: Sequence[PreferencePair], *, name: str = "d
 
     rc, rr, qc, qr = score(enc, f"eval {name}")
     out = EvalReport(name=name, pairs=enc, r_chosen=rc, r_rejected=rr, raw_chosen=qc, raw_rejected=qr,
-                     dropped=report.to_dict()["dropped"], probe_mode=probe_mode)
+                     dropped=report.to_dict()["dropped"], probe_mode=probe_mode, probe_scope=probe_scope)
     sub = enc[:probe_max_pairs] if probe_max_pairs else enc
     out.probe_pairs = len(sub)
     for f in probe_fractions:
         if f == 0.0:
             out.probe[f"{f:.1f}"] = _accuracy(rc[:len(sub)] - rr[:len(sub)])
             continue
-        masked = [dataclasses.replace(ep, chosen=mask_item(ep.chosen, f, rm.pad_token_id, probe_mode),
-                                      rejected=mask_item(ep.rejected, f, rm.pad_token_id, probe_mode)) for ep in sub]
+        masked = [dataclasses.replace(
+            ep, chosen=mask_item(ep.chosen, f, rm.pad_token_id, probe_mode,
+                                 probe_tokens(ep.chosen, ep.pair, "chosen", probe_scope)),
+            rejected=mask_item(ep.rejected, f, rm.pad_token_id, probe_mode,
+                               probe_tokens(ep.rejected, ep.pair, "rejected", probe_scope))) for ep in sub]
         mc, mr, _, _ = score(masked, f"probe {f:.0%}")
         out.probe[f"{f:.1f}"] = _accuracy(mc - mr)
     return out
