@@ -177,9 +177,17 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
             await monitoring.attach_service(state)  # Redis score cache + latest published head, when configured
             await r2m_routes.attach(state)  # R2M store, feedback queue, background updater (rewardkit.server.r2m)
             log.info("ready model=%s head_version=%s", model.model_id, model.head_version)
-        except Exception as exc:  # keep serving /health and say why /ready fails
-            state.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("model load failed")
+        except Exception as exc:  # say why where the user looks: /ready, the log's last line, the exit status
+            from rewardkit.core.errors import RewardKitError
+
+            state.load_error = str(exc) if isinstance(exc, RewardKitError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, RewardKitError):
+                log.error("model load failed: %s", state.load_error)
+                log.debug("model load failed", exc_info=True)
+            else:  # not one of ours: the traceback is for a bug report
+                log.exception("model load failed")
+            if state.on_fatal is not None:
+                state.on_fatal()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

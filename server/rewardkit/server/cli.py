@@ -53,9 +53,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """``Settings`` from the environment, overridden by the flags that were given (flags win over env vars)."""
+    """``Settings`` from the environment, overridden by the flags that were given (flags win over env vars).
+
+    Invalid values raise :class:`SettingsError` with one line per bad setting, naming its flag and env var."""
+    from pydantic import ValidationError
+
     from rewardkit.server.settings import Settings
 
+    try:
+        return _settings(args, Settings)
+    except ValidationError as exc:
+        flags = {field: flag for flag, field in _FLAGS.items()}
+        lines = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else ""
+            where = " / ".join(x for x in (f"--{flags[name].replace('_', '-')}" if name in flags else "",
+                                           f"REWARDKIT_{name.upper()}" if name else "") if x)
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            lines.append(f"setting {name or '?'} ({where}): {err['msg']}{got}" if name else f"settings: {err['msg']}")
+        raise SettingsError(lines) from None
+
+
+class SettingsError(ValueError):
+    """Invalid server settings; ``lines`` has one message per bad setting."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+def _settings(args: argparse.Namespace, Settings: type) -> Settings:  # noqa: N803
     overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
     if args.no_truncate:
         overrides["truncate"] = False
@@ -63,20 +90,55 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["prefix_sharing"] = False
     if args.no_abc_renormalize:
         overrides["abc_renormalize"] = False
-    return Settings(**overrides)
+    return Settings(**overrides)  # type: ignore[no-any-return]
+
+
+def preflight(settings: Settings) -> None:
+    """Fail before any model code: a model path that cannot be a model, a device torch would not take, a port that
+    is taken (the model would otherwise load for ~50 s before the bind fails)."""
+    import errno
+    import socket
+
+    from rewardkit.core.preflight import check_device, check_model_spec
+
+    check_device(settings.device)
+    check_model_spec(settings.model)
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((settings.host, settings.port))
+        except OSError as exc:
+            from rewardkit.core.errors import ConfigError
+
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {settings.port} on {settings.host} is already in use (another rewardkit "
+                                  "serve?); pick another with --port or REWARDKIT_PORT") from None
+            raise ConfigError(f"cannot bind {settings.host}:{settings.port}: {exc.strerror}") from None
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from rewardkit.core.errors import ConfigError
+
+    try:
+        settings = settings_from_args(args)
+        preflight(settings)
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from rewardkit.server.app import create_app
 
-    settings = settings_from_args(args)
     if not settings.is_loopback() and not settings.api_keys:
         log.warning("!!! binding %s beyond loopback WITHOUT API keys: anyone who can reach this port can use the "
                     "server. Set REWARDKIT_API_KEYS or --api-keys-file. !!!", settings.host)
-    import sys
-
     # The model worker thread and the event loop share the GIL; the default 5 ms switch interval makes the loop wait
     # up to 5 ms for the worker's Python-side model code. 0.5 ms keeps HTTP parsing responsive.
     sys.setswitchinterval(0.0005)
@@ -84,7 +146,14 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             workers=1, access_log=settings.access_log,
                             timeout_graceful_shutdown=settings.grace_period_s)  # type: ignore[arg-type]  # a float works
-    _server_class()(config, app.state.rk).run()
+    state = app.state.rk
+    server = _server_class()(config, state)
+    if settings.exit_on_load_failure:
+        state.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.load_error:
+        print(f"error: the model could not be loaded: {state.load_error}", file=sys.stderr)
+        return 1
     return 0
 
 

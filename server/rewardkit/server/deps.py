@@ -29,6 +29,7 @@ class AppState:
     service: Any = None  # RewardService once the model is loaded
     shutting_down: bool = False
     load_error: str | None = None
+    on_fatal: Any = None  # set by `rewardkit serve`: stops the process when the model cannot load
     metrics: Any = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 

