@@ -167,3 +167,62 @@ def test_sigkill_mid_run_then_resume(tiny_llama_dir: Path, tmp_path: Path) -> No
     got = {r["row_index"]: r["reward_chosen"] for r in rows}
     assert all(got[i] == pytest.approx(ref[i], rel=1e-4, abs=1e-5) for i in range(n))
     assert summary["accuracy"] == pytest.approx(clean["accuracy"])
+
+
+def test_resume_refuses_a_changed_input_and_says_what_it_resumed(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a rerun with the same -o after editing the input (same row count) reused the old rewards."""
+    rows = _pref_rows(4)
+    inp = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    calls: list[int] = []
+
+    def scorer(items: list[dict[str, object]]) -> list[float]:
+        calls.append(len(items))
+        return [float(i) for i in range(len(items))]
+
+    score_file(inp, out, scorer, chunk_rows=2, progress=False)
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2]) + "\n")  # as if killed after the first chunk
+    calls.clear()
+    score_file(inp, out, scorer, chunk_rows=2, progress=False)  # same input: resumes
+    assert "resumed 2 of 4 rows" in capsys.readouterr().err and calls == [4]  # rows 2-3, two items each
+    edited = [dict(r) for r in rows]
+    edited[1]["chosen"] = "It is something else."  # same row count, one row changed
+    _write_jsonl(inp, edited)
+    with pytest.raises(ScoreInputError, match=r"different input: row 1 \(line 2\)"):
+        score_file(inp, out, scorer, chunk_rows=2, progress=False)
+    old = tmp_path / "old.jsonl"  # a journal from before row hashes
+    old.write_text("".join(json.dumps({**r, "row_index": i, "reward_chosen": 0.0, "reward_rejected": 0.0}) + "\n"
+                           for i, r in enumerate(edited[:2])))
+    with pytest.raises(ScoreInputError, match="without row hashes"):
+        score_file(inp, old, scorer, chunk_rows=2, progress=False)
+
+
+@pytest.mark.parametrize("content, name, match", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "compl', "in.jsonl", r"row 1 \(line 2\): invalid JSON"),
+    ("", "in.jsonl", "has no rows"),
+    ("a,b\n", "in.csv", "unsupported input type"),
+    ('{"prompt": "a", "completion": "b"}\n\n{"prompt": "x"}\n', "in.jsonl", r"row 1 \(line 3\): no scorable"),
+])
+def test_bad_input_fails_before_the_model_loads(tmp_path: Path, content: str, name: str, match: str) -> None:
+    inp = tmp_path / name
+    inp.write_text(content)
+    # the model path does not exist: had the input been read after the model load, the error would be the load's
+    r = subprocess.run([sys.executable, "-m", "rewardkit.cli", "score", str(inp), "-o", str(tmp_path / "o.jsonl"),
+                        "--model", "/nonexistent-model-so-loading-would-fail-later"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert __import__("re").search(match, r.stderr), r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_score_url_with_the_server_down_is_one_line(tmp_path: Path) -> None:
+    inp = _write_jsonl(tmp_path / "in.jsonl", _pref_rows(2))
+    from tests.helpers import free_port
+
+    r = subprocess.run([sys.executable, "-m", "rewardkit.cli", "score", str(inp), "-o", str(tmp_path / "o.jsonl"),
+                        "--url", f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "cannot reach the rewardkit server" in r.stderr
+    assert "connection refused" in r.stderr

@@ -11,9 +11,13 @@ Each output row is the input row plus the reward column(s) and ``row_index`` (th
 
 Resumable: results go to an append-only JSONL journal (the output itself for ``.jsonl``, ``OUTPUT.partial.jsonl``
 for ``.parquet``), one chunk at a time, flushed and fsynced before the next chunk starts. On start, the journal is
-read back: a torn last line (a kill mid-write) is cut off, rows already there are skipped. So a run killed at any
-point and started again writes every row exactly once. Parquet output is written at the end (atomically, rows in
-input order) from the journal.
+read back: a torn last line (a kill mid-write) is cut off, rows already there are skipped ("resumed N of M rows"). So
+a run killed at any point and started again writes every row exactly once. Each record carries ``row_sha256``, the
+hash of its input row: a rerun whose input changed (same row count or not) is refused instead of mixing old and new
+rewards. Parquet output is written at the end (atomically, rows in input order) from the journal.
+
+The input is read and checked before the model loads: an unsupported file type, a broken line or an empty file fails
+at once. Errors name the row (0-based, as ``row_index``) and, for JSONL, its line (1-based).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InProcessScorer", "RemoteScorer", "add_parser", "iter_rows", "read_journal", "row_items", "score_file"]
+__all__ = ["InProcessScorer", "RemoteScorer", "add_parser", "check_input", "iter_rows", "journal_hashes",
+           "read_journal", "row_items", "row_sha256", "score_file"]
 
 REWARD_KEYS = ("reward", "reward_chosen", "reward_rejected")
 
@@ -45,13 +50,25 @@ class ScoreInputError(ValueError):
 
 def iter_rows(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a .jsonl (streamed) or .parquet file."""
+    for _, row in iter_rows_located(path):
+        yield row
+
+
+def iter_rows_located(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) pairs: ``where`` is ``row I (line L)`` for JSONL, ``row I`` for Parquet (I 0-based, L 1-based)."""
     name = path.name.lower()
     if name.endswith((".parquet", ".pq")):
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises its own ArrowInvalid for a file that is not Parquet
+            raise ScoreInputError(f"{path}: not a readable Parquet file: {exc}") from exc
+        i = 0
         for batch in pf.iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
+            for row in batch.to_pylist():
+                yield f"row {i}", row
+                i += 1
         return
     if not name.endswith((".jsonl", ".ndjson")):
         raise ScoreInputError(f"{path}: unsupported input type; use .jsonl or .parquet")
@@ -60,14 +77,33 @@ def iter_rows(path: Path) -> Iterator[dict[str, Any]]:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            where = f"row {row} (line {line_no})"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ScoreInputError(f"{path} line {line_no}: invalid JSON: {exc.msg}") from exc
+                raise ScoreInputError(f"{path} {where}: invalid JSON: {exc.msg}") from exc
             if not isinstance(obj, dict):
-                raise ScoreInputError(f"{path} line {line_no}: expected a JSON object")
-            yield obj
+                raise ScoreInputError(f"{path} {where}: expected a JSON object")
+            yield where, obj
             row += 1
+
+
+def row_sha256(row: dict[str, Any]) -> str:
+    """Hash of an input row's content (canonical JSON), kept in each output record to detect a changed input."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:32]
+
+
+def check_input(path: Path) -> int:
+    """Read and check every row before any model work; return the row count. Raises :class:`ScoreInputError`."""
+    n = 0
+    for where, row in iter_rows_located(path):
+        row_items(row, n, where)
+        n += 1
+    if n == 0:
+        raise ScoreInputError(f"{path} has no rows: nothing to score")
+    return n
 
 
 def _text_or_messages(value: Any, field: str, where: str) -> Any:
@@ -92,9 +128,9 @@ def _item(prompt: Any, response: Any) -> dict[str, Any]:
     return {"prompt": prompt, "response": response}
 
 
-def row_items(row: dict[str, Any], index: int) -> tuple[list[str], list[dict[str, Any]]]:
+def row_items(row: dict[str, Any], index: int, where: str | None = None) -> tuple[list[str], list[dict[str, Any]]]:
     """(output reward keys, items to score) for one row; raises :class:`ScoreInputError` naming the row/field."""
-    where = f"row {index}"
+    where = where or f"row {index}"
     if "chosen" in row or "rejected" in row:
         for f in ("chosen", "rejected"):
             if row.get(f) is None:
@@ -119,19 +155,26 @@ def row_items(row: dict[str, Any], index: int) -> tuple[list[str], list[dict[str
 
 
 def read_journal(path: Path) -> set[int]:
-    """Row indices already in the journal. A torn tail (a last line without its newline, or a line that is not a
-    complete record) is cut off the file, so appends continue after the last good record."""
+    """Row indices already in the journal (see :func:`journal_hashes`)."""
+    return set(journal_hashes(path))
+
+
+def journal_hashes(path: Path) -> dict[int, str | None]:
+    """Row index -> the input row's hash (None for records without one), for rows already in the journal. A torn
+    tail (a last line without its newline, or a line that is not a complete record) is cut off the file, so appends
+    continue after the last good record."""
     if not path.exists():
-        return set()
+        return {}
     data = path.read_bytes()
-    done: set[int] = set()
+    done: dict[int, str | None] = {}
     good_end = 0
     for line in data.splitlines(keepends=True):
         if not line.endswith(b"\n"):
             break  # torn: the writer died before the newline
         if line.strip():
             try:
-                done.add(int(json.loads(line)["row_index"]))
+                rec = json.loads(line)
+                done[int(rec["row_index"])] = rec.get("row_sha256")
             except (ValueError, KeyError, TypeError):
                 break  # corrupt: keep what came before it
         good_end += len(line)
@@ -210,18 +253,21 @@ def score_file(input_path: Path, output_path: Path, scorer: Any, *, chunk_rows: 
         raise ScoreInputError(f"-o {output_path}: use a .jsonl or .parquet output")
     journal = output_path.with_name(output_path.name + ".partial.jsonl") if parquet_out else output_path
     journal.parent.mkdir(parents=True, exist_ok=True)
-    done = read_journal(journal)
+    done = journal_hashes(journal)
     total = _count_rows(input_path)
     if done and max(done) >= total:
         raise ScoreInputError(f"{journal} holds row_index {max(done)} but {input_path} has {total} rows: it belongs "
                               "to another input; remove it or choose another output")
+    if done:
+        _check_resume(journal, input_path, done)
+        print(f"resumed {len(done)} of {total} rows from {journal}", file=sys.stderr)
     bar = tqdm(total=total, initial=len(done), unit="row", desc="score", disable=not progress, dynamic_ncols=True)
     with journal.open("a", encoding="utf-8") as fh:
         chunk: list[tuple[int, dict[str, Any], list[str], list[dict[str, Any]]]] = []
-        for idx, row in enumerate(iter_rows(input_path)):
+        for idx, (where, row) in enumerate(iter_rows_located(input_path)):
             if idx in done:
                 continue
-            keys, items = row_items(row, idx)
+            keys, items = row_items(row, idx, where)
             chunk.append((idx, row, keys, items))
             if len(chunk) >= chunk_rows:
                 _flush_chunk(fh, chunk, scorer)
@@ -235,6 +281,20 @@ def score_file(input_path: Path, output_path: Path, scorer: Any, *, chunk_rows: 
     if parquet_out:
         _write_parquet(records, output_path)
     return summarise(records)
+
+
+def _check_resume(journal: Path, input_path: Path, done: dict[int, str | None]) -> None:
+    """Every journaled row must hash to the current input's row at the same index."""
+    for idx, (where, row) in enumerate(iter_rows_located(input_path)):
+        if idx not in done:
+            continue
+        have = done[idx]
+        if have is None:
+            raise ScoreInputError(f"{journal} was written without row hashes (an older rewardkit), so it cannot be "
+                                  f"checked against {input_path}; remove it to score again")
+        if have != row_sha256(row):
+            raise ScoreInputError(f"{journal} was written from a different input: {where} of {input_path} changed "
+                                  "since; remove the output (or choose another -o) to score the new input")
 
 
 def _count_rows(path: Path) -> int:
@@ -252,7 +312,7 @@ def _flush_chunk(fh: Any, chunk: list[tuple[int, dict[str, Any], list[str], list
     rewards = scorer(flat)
     records, k = [], 0
     for idx, row, keys, _ in chunk:
-        rec = {**row, "row_index": idx}
+        rec = {**row, "row_index": idx, "row_sha256": row_sha256(row)}
         for key in keys:
             rec[key] = rewards[k]
             k += 1
@@ -294,6 +354,21 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _unreachable(url: str) -> str | None:
+    """None when ``url`` answers ``/health``; else a short reason (no retries: fail in seconds, not ~15 s)."""
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=httpx.Timeout(10.0, connect=3.0))
+    except httpx.ConnectError:
+        return "connection refused"
+    except httpx.TimeoutException:
+        return "no answer within 10 s"
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    return None
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``score`` on the top-level subparsers."""
     p = sub.add_parser("score", help="score a JSONL/Parquet file (resumable)",
@@ -324,20 +399,36 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk_rows < 1:
         print("error: --chunk-rows must be >= 1", file=sys.stderr)
         return 2
+    try:  # the whole input is checked before the model loads (~60 s) or the server is asked
+        check_input(inp)
+    except ScoreInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     t0 = time.time()
     scorer: Any
     if args.url:
         from rewardkit.client import RewardClient
 
+        reason = _unreachable(args.url)
+        if reason:
+            print(f"error: cannot reach the rewardkit server at {args.url} ({reason}); start it with "
+                  "`rewardkit serve` or check --url", file=sys.stderr)
+            return 2
         scorer = RemoteScorer(RewardClient(args.url, api_key=args.api_key))
     else:
         scorer = InProcessScorer(args.model, args.device, args.dtype, args.max_length, args.max_batch_tokens,
                                  args.prefix_sharing)
+    from rewardkit.client.errors import RewardKitError as ClientError
+
     try:
         summary = score_file(inp, outp, scorer, chunk_rows=args.chunk_rows, progress=not args.no_progress)
     except ScoreInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ClientError as exc:  # the server went away or refused: one line; rows scored so far are kept
+        print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0]} (rows scored so far are kept in {outp}; "
+              "run the same command again to resume)", file=sys.stderr)
+        return 1
     summary["seconds"] = round(time.time() - t0, 2)
     print(json.dumps(summary, indent=2))
     return 0
