@@ -16,6 +16,7 @@ Bare ``ValueError`` is NOT mapped to 400: an unexpected exception is our bug and
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -79,10 +80,44 @@ def error_response(exc: ServerError) -> JSONResponse:
     return JSONResponse(error_body(exc.type, exc.message, exc.field), status_code=exc.status, headers=headers)
 
 
+# Names users send for our fields (from other APIs and trainers), and the field they mean.
+FIELD_ALIASES = {
+    "queries": "query", "completion": "response", "output": "response", "answer": "response", "reply": "response",
+    "question": "prompt", "instruction": "prompt", "inputs": "input", "texts": "text", "item": "items",
+    "conversation": "messages", "messages_list": "messages", "activations": "use_activation",
+}
+KNOWN_FIELDS = ("items", "prompt", "response", "messages", "text", "model", "dense", "beta", "encoding_format",
+                "truncate", "response_token_spans", "query", "prompts", "labels", "input", "use_activation",
+                "activation", "add_special_tokens", "truncate_prompt_tokens", "request_id", "task")
+
+
+def field_hint(errs: list[Any], body: Any) -> str:
+    """" (did you mean 'query'?)" and the like, for a wrong field name; "" when nothing fits."""
+    import difflib
+
+    for e in errs:
+        loc, kind = tuple(e.get("loc", ())), e.get("type")
+        name = loc[-1] if loc else None
+        if kind == "extra_forbidden" and isinstance(name, str):
+            if name in ("chosen", "rejected"):
+                return (" (preference pairs are not an item: send chosen and rejected as two items, "
+                        "{prompt, response} each, or score the file with `rewardkit score`)")
+            alt = FIELD_ALIASES.get(name) or next(iter(difflib.get_close_matches(name, KNOWN_FIELDS, 1, 0.75)), None)
+            if alt:
+                return f" (unknown field {name!r}: did you mean {alt!r}?)"
+    for e in errs:  # a required field is missing: did the body carry it under another name?
+        loc = tuple(e.get("loc", ()))
+        if e.get("type") == "missing" and loc and isinstance(loc[-1], str) and isinstance(body, dict):
+            for k in body:
+                if FIELD_ALIASES.get(k) == loc[-1] or difflib.get_close_matches(k, [loc[-1]], 1, 0.75):
+                    return f" (the body has {k!r}: did you mean {loc[-1]!r}?)"
+    return ""
+
+
 def _loc_to_field(loc: tuple[object, ...]) -> str:
     parts: list[str] = []
-    for p in loc:
-        if p in ("body", "query", "path") and not parts:
+    for i, p in enumerate(loc):
+        if i == 0 and p in ("body", "query", "path"):  # the location kind, not a field (a body field may be "query")
             continue
         if isinstance(p, int):
             parts.append(f"[{p}]")
@@ -106,10 +141,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {"loc": ("body",), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # not JSON at all: 400, as docs/operations.md says
+            loc = first.get("loc", ())
+            at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+            err = first.get("ctx", {}).get("error", "")
+            return JSONResponse(error_body("invalid_request", f"request body is not valid JSON{at}: {err}".rstrip(": "),
+                                           "body"), status_code=400)
         field = _loc_to_field(tuple(first.get("loc", ("body",))))
         msg = f"{field}: {first.get('msg', 'invalid')}"
         if len(errs) > 1:
             msg += f" (and {len(errs) - 1} more errors)"
+        msg += field_hint(errs, getattr(exc, "body", None))
         return JSONResponse(error_body("invalid_request", msg, field), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

@@ -140,3 +140,28 @@ def test_vllm_pooling_and_classify(client: TestClient) -> None:
     assert r.status_code == 200
     assert client.post("/pooling", json={"input": []}).status_code == 422
     assert client.post("/classify", json={"model": "other-model", "input": "x"}).status_code == 422
+
+
+@pytest.mark.parametrize("path, body, hint", [
+    ("/v1/rewards", {"itemz": [{"text": "a"}]}, "did you mean 'items'?"),
+    ("/v1/rewards", {"items": [{"prompt": "a", "completion": "b"}]}, "did you mean 'response'?"),
+    ("/v1/rewards", {"items": [{"prompt": "a", "chosen": "b", "rejected": "c"}]}, "send chosen and rejected as two items"),
+    ("/get_reward", {"queries": ["a"]}, "the body has 'queries': did you mean 'query'?"),
+])
+def test_wrong_field_names_get_a_hint(client: TestClient, path: str, body: dict, hint: str) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == 422
+    assert hint in _err(r).error.message
+
+
+def test_non_json_body_is_400_naming_body(client: TestClient) -> None:
+    """docs/operations.md: a body that is not JSON at all gets 400 with field `body`."""
+    r = client.post("/v1/rewards", content=b'{"items": [', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    err = _err(r).error
+    assert err.field == "body" and err.message.startswith("request body is not valid JSON at character")
+
+
+def test_a_body_field_named_query_keeps_its_name(client: TestClient) -> None:
+    r = client.post("/get_reward", json={"query": "not a list"})
+    assert r.status_code == 422 and _err(r).error.field == "query"

@@ -120,3 +120,16 @@ def test_help_imports_no_model_stack() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'fastapi')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [["train", "bt"], ["train", "idrm"], ["score"], ["bench"], ["eval"], ["serve"]])
+def test_help_reads_well(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """No reStructuredText backticks in --help, and trainer flags grouped as their config reads."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out
+    if argv[0] == "train":
+        heads = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+        assert heads[-4:] == (["model", "data", "optimisation", "runtime"] if argv[1] == "bt" else
+                              ["data", "optimisation", "runtime", "Id-RM"])

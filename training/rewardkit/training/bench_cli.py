@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="run a benchmark from bench/ (ratios against a baseline, JSON results)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=(__doc__ or "").replace("``", "`"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", nargs="?", help=f"one of: {', '.join(BENCHMARKS)}")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --help)")
     p.add_argument("--list", action="store_true", help="list the benchmarks")

@@ -135,16 +135,48 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any], overri
     """
     hints = typing.get_type_hints(cls)
     overrides = overrides or {}
+    groups: dict[str, Any] = {}
+    sections = field_sections(cls)
     for f in dataclasses.fields(cls):
+        section = sections.get(f.name, "options")
+        if section not in groups:
+            groups[section] = parser.add_argument_group(section)
+        group = groups[section]
         flag = "--" + f.name.replace("_", "-")
         default = overrides.get(f.name, f.default)
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%").replace("``", "`")
         t = _field_type(f, hints)
         if t is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=t, default=None, choices=f.metadata.get("choices"),
-                                help=help_text, metavar=f.name.upper() if "choices" not in f.metadata else None)
+            group.add_argument(flag, dest=f.name, type=t, default=None, choices=f.metadata.get("choices"),
+                               help=help_text, metavar=f.name.upper() if "choices" not in f.metadata else None)
+
+
+def field_sections(cls: type[Any]) -> dict[str, str]:
+    """Field name -> the ``# -- section --`` comment it sits under in its dataclass's source (model, data,
+    optimisation, runtime, ...), so ``--help`` lists the flags grouped as the config reads."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        section = None
+        for line in src.splitlines():
+            m = re.match(r"\s*# -- (.+?) --\s*$", line)
+            if m:
+                section = m.group(1)
+                continue
+            m = re.match(r"\s*([a-z_][a-z0-9_]*)\s*:", line)
+            if m and section and m.group(1) in klass.__dataclass_fields__ and m.group(1) not in out:
+                out[m.group(1)] = section
+    return out
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> C:

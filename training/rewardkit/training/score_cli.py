@@ -372,7 +372,7 @@ def _unreachable(url: str) -> str | None:
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``score`` on the top-level subparsers."""
     p = sub.add_parser("score", help="score a JSONL/Parquet file (resumable)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=(__doc__ or "").replace("``", "`"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="input .jsonl or .parquet")
     p.add_argument("-o", "--output", required=True, help="output .jsonl or .parquet (resumed if it exists)")
     src = p.add_mutually_exclusive_group()
@@ -399,9 +399,14 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk_rows < 1:
         print("error: --chunk-rows must be >= 1", file=sys.stderr)
         return 2
+    from rewardkit.core.errors import ConfigError
+    from rewardkit.core.preflight import check_model_spec
+
     try:  # the whole input is checked before the model loads (~60 s) or the server is asked
         check_input(inp)
-    except ScoreInputError as exc:
+        if not args.url:
+            check_model_spec(args.model)
+    except (ScoreInputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.time()
