@@ -144,14 +144,15 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":  # not JSON at all: 400, as docs/operations.md says
             loc = first.get("loc", ())
             at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
-            err = first.get("ctx", {}).get("error", "")
+            ctx = first.get("ctx")
+            err = ctx.get("error", "") if isinstance(ctx, dict) else ""
             return JSONResponse(error_body("invalid_request", f"request body is not valid JSON{at}: {err}".rstrip(": "),
                                            "body"), status_code=400)
         field = _loc_to_field(tuple(first.get("loc", ("body",))))
         msg = f"{field}: {first.get('msg', 'invalid')}"
         if len(errs) > 1:
             msg += f" (and {len(errs) - 1} more errors)"
-        msg += field_hint(errs, getattr(exc, "body", None))
+        msg += field_hint(list(errs), getattr(exc, "body", None))
         return JSONResponse(error_body("invalid_request", msg, field), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
