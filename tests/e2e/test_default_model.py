@@ -58,3 +58,17 @@ def test_default_head_is_committed_and_small() -> None:
         pytest.skip("no default head committed yet")
     size = sum(p.stat().st_size for p in Path(DEFAULT_HEAD_DIR).rglob("*") if p.is_file())
     assert size <= 5 * 1024 * 1024
+
+
+def test_start_up_says_which_head_and_nothing_misleading(server: ServerProcess) -> None:
+    """A new user read transformers' "score.weight MISSING ... newly initialized", the GGUF progress bar and
+    `past_key_values` FutureWarnings as "the model is untrained". Run traffic through every path, then read the log."""
+    with RewardClient(server.url) as rk:
+        rk.score(prompts=["hi", "hi"], responses=["hello", "hey"])  # a shared prompt: the prefix (KV cache) path
+        rk.score_dense(prompts=["hi"], responses=["hello"])
+    log = server.logs()
+    for noise in ("MISSING", "newly initialized", "Consider training", "de-quantizing", "deprecated",
+                  "FutureWarning", "Traceback"):
+        assert noise not in log, noise
+    ready = [line for line in log.splitlines() if "rewardkit.server.app ready" in line]
+    assert len(ready) == 1 and "head=trained" in ready[0]

@@ -11,11 +11,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,8 @@ def _load_hf(source: str, gguf_file: str | None, dtype: torch.dtype, trust_remot
         register_attention()
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    quiet = _quiet_transformers()
+    quiet.__enter__()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         config = AutoConfig.from_pretrained(source, **kwargs)
@@ -141,13 +145,19 @@ def _load_hf(source: str, gguf_file: str | None, dtype: torch.dtype, trust_remot
         config.num_labels = 1
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, dtype=dtype, attn_implementation=attn_implementation,
+            output_loading_info=True, **kwargs
         )
+        missing = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
+        model._rewardkit_missing_head = bool(missing)  # the caller decides whether that matters (a checkpoint
+        # brings its own head; a bare HF directory without one is untrained: said once, by load_reward_model)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load reward model from {source!r}: {exc}") from exc
+    finally:
+        quiet.__exit__(None, None, None)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if hasattr(model.config, "quantization_config"):
@@ -160,6 +170,38 @@ def _load_hf(source: str, gguf_file: str | None, dtype: torch.dtype, trust_remot
                 except AttributeError:
                     pass
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' load report ("score.weight MISSING ... newly initialized ... consider training") and its GGUF and
+    weight progress bars read as "this model is untrained" even when rewardkit then installs a trained head; rewardkit
+    says itself, in one line, which head is loaded."""
+    import transformers.utils.logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    gguf_mod: Any = None
+    gguf_tqdm: Any = None
+    try:  # the GGUF converter uses its own tqdm, which disable_progress_bar does not reach
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        gguf_mod = gguf_utils
+
+        gguf_tqdm = getattr(gguf_mod, "tqdm", None)
+        if gguf_tqdm is not None:
+            gguf_mod.tqdm = lambda *a, **k: gguf_tqdm(*a, **{**k, "disable": True})  # type: ignore[attr-defined]
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+        if gguf_mod is not None and gguf_tqdm is not None:
+            gguf_mod.tqdm = gguf_tqdm  # type: ignore[attr-defined]
 
 
 def _deterministic_untrained_head(head: nn.Linear) -> None:
@@ -226,6 +268,13 @@ def load_reward_model(
         _apply_checkpoint(model, head, base, meta)
     elif not trained:
         _deterministic_untrained_head(head)
+    elif getattr(model, "_rewardkit_missing_head", False):  # an HF directory without reward-head weights
+        _deterministic_untrained_head(head)
+        meta.trained = False
+        meta.description = (f"UNTRAINED reward head: {spec_s} has no score weights (a base LM, not a reward model); "
+                            "scores carry no preference signal")
+        log.warning("model=%s has no reward-head weights: serving an UNTRAINED head; train one with "
+                    "`rewardkit train bt --model %s`", meta.model_id, spec_s)
     if reward_token_rule is not None:
         if reward_token_rule not in ckpt.REWARD_TOKEN_RULES:
             raise ConfigError(f"reward_token_rule must be one of {ckpt.REWARD_TOKEN_RULES}")

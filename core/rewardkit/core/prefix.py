@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,21 @@ from rewardkit.core.loading import RewardModel
 
 if TYPE_CHECKING:
     from rewardkit.core.scoring import ItemScore, Scorer
+
+# transformers renamed a forward's `past_key_values` to `cache` (and warns on every use of the old name); pass and read
+# the name the installed version wants, so the first requests print no deprecation noise.
+try:
+    from transformers.utils.generic import _BCCacheNameMeta  # noqa: F401  (present where `cache` is the new name)
+
+    CACHE_KW = "cache"
+except ImportError:  # older transformers
+    CACHE_KW = "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output, by the name the installed transformers uses."""
+    return out.cache if CACHE_KW == "cache" else out.past_key_values
+
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +220,7 @@ class PrefixSharer:
         prefix_ids = torch.tensor([members[0].input_ids[:p]], dtype=torch.long, device=dev)  # (1, P)
         out = rm.body(input_ids=prefix_ids, position_ids=torch.arange(p, device=dev)[None], use_cache=True)
         h_prefix = out.last_hidden_state[0]  # (P, H)
-        cache = out.past_key_values
+        cache = output_cache(out)
         result: list[torch.Tensor | None] = [h_prefix[r] if r < p else None for r in ridx]
         need = [k for k, r in enumerate(ridx) if r >= p]  # members whose reward token lies in their completion
         self.stats.tokens_computed += p
@@ -255,7 +270,7 @@ class PrefixSharer:
         allowed = torch.cat([torch.ones((total, p), dtype=torch.bool), own], dim=1)  # (S, P + S)
         mask = torch.zeros((1, 1, total, p + total), dtype=rm.dtype)  # (1, 1, S, P + S) additive
         mask.masked_fill_(~allowed[None, None], torch.finfo(rm.dtype).min)
-        out = rm.body(input_ids=ids, attention_mask=mask.to(dev), position_ids=pos, past_key_values=cache,
+        out = rm.body(input_ids=ids, attention_mask=mask.to(dev), position_ids=pos, **{CACHE_KW: cache},
                       use_cache=True)
         cache.crop(-total)  # type: ignore[attr-defined]  # (1, kv, P + S, d) -> (1, kv, P, d)
         last = torch.tensor(lens).cumsum(0) - 1  # (n,)
@@ -280,7 +295,7 @@ class PrefixSharer:
         if n > 1:
             cache.batch_repeat_interleave(n)  # type: ignore[attr-defined]  # (1, kv, P, d) -> (n, kv, P, d)
         out = rm.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                      past_key_values=cache, use_cache=True)
+                      **{CACHE_KW: cache}, use_cache=True)
         cache.crop(-width)  # type: ignore[attr-defined]  # (n, kv, P + C, d) -> (n, kv, P, d)
         if n > 1:
             cache.batch_select_indices(torch.tensor([0], device=dev))  # type: ignore[attr-defined]  # (1, kv, P, d)
@@ -313,13 +328,13 @@ def probe_support(rm: RewardModel, prefix_len: int = 12, suffix_len: int = 5) ->
             full = rm.body(input_ids=seq, use_cache=False).last_hidden_state[0, -1].float()
             out = rm.body(input_ids=seq[:, :prefix_len], position_ids=torch.arange(prefix_len, device=rm.device)[None],
                           use_cache=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
                 return False, f"cache {type(cache).__name__} is not a full-attention DynamicCache"
             mask = torch.ones((1, prefix_len + suffix_len), dtype=torch.long, device=rm.device)
             pos = torch.arange(prefix_len, prefix_len + suffix_len, device=rm.device)[None]
             part = rm.body(input_ids=seq[:, prefix_len:], attention_mask=mask, position_ids=pos,
-                           past_key_values=cache, use_cache=True).last_hidden_state[0, -1].float()
+                           **{CACHE_KW: cache}, use_cache=True).last_hidden_state[0, -1].float()
     except Exception as exc:  # any model whose forward does not take a cache this way is unsupported
         return False, f"cached forward failed: {type(exc).__name__}: {exc}"
     tol = 1e-3 if rm.dtype == torch.float32 else 5e-2

@@ -176,7 +176,9 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
             state.service = build_service(state, model)
             await monitoring.attach_service(state)  # Redis score cache + latest published head, when configured
             await r2m_routes.attach(state)  # R2M store, feedback queue, background updater (rewardkit.server.r2m)
-            log.info("ready model=%s head_version=%s", model.model_id, model.head_version)
+            log.info("ready model=%s head_version=%s head=%s", model.model_id, model.head_version,
+                     ("trained" + (f" ({model.meta.description})" if model.meta.description else ""))
+                     if model.meta.trained else "UNTRAINED (scores carry no preference signal)")
         except Exception as exc:  # say why where the user looks: /ready, the log's last line, the exit status
             from rewardkit.core.errors import RewardKitError
 
