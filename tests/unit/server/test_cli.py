@@ -79,6 +79,7 @@ def test_port_in_use_is_refused_before_the_model_loads() -> None:
     assert "loaded model" not in r.stderr
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_to_load_exits_non_zero(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")  # passes the path check, fails in transformers
     r = _serve("--model", str(tmp_path), "--port", str(free_port()))
@@ -86,6 +87,7 @@ def test_a_model_that_fails_to_load_exits_non_zero(tmp_path: Path) -> None:
     assert "error: the model could not be loaded: cannot load reward model" in r.stderr
 
 
+@pytest.mark.slow
 def test_stay_up_on_load_failure_says_why_in_ready(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     port = free_port()
@@ -133,3 +135,24 @@ def test_help_reads_well(argv: list[str], capsys: pytest.CaptureFixture[str]) ->
         heads = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
         assert heads[-4:] == (["model", "data", "optimisation", "runtime"] if argv[1] == "bt" else
                               ["data", "optimisation", "runtime", "Id-RM"])
+
+
+def test_default_head_preset_never_overwrites_the_packaged_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rewardkit.core.loading import DEFAULT_HEAD_DIR
+    from rewardkit.training import cli as tcli
+
+    seen: dict[str, str] = {}
+
+    def fake(cfg: object, command: str) -> dict[str, str]:
+        seen["out"] = cfg.output_dir  # type: ignore[attr-defined]
+        return {}
+
+    monkeypatch.setitem(tcli.TRAINERS, "bt", (tcli.TRAINERS["bt"][0], tcli.TRAINERS["bt"][1], fake))
+    for argv, want in ((["--default-head"], "runs/default-head"),
+                       (["--default-head", "--output-dir", "x/y"], "x/y"),
+                       (["--default-head", "--force"], str(DEFAULT_HEAD_DIR))):
+        args = build_parser().parse_args(["train", "bt", *argv])
+        assert args.func(args) == 0
+        assert seen["out"] == want, argv
+    args = build_parser().parse_args(["train", "bt", "--force", "--output-dir", "z"])
+    assert args.func(args) == 2

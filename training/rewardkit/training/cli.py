@@ -63,7 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         if name == "bt":
             p.add_argument("--default-head", action="store_true",
                            help="preset: the recipe of the committed default head (see docs/results.md); "
-                                "other flags override it")
+                                "other flags override it. Writes runs/default-head unless --output-dir or --force")
+            p.add_argument("--force", action="store_true",
+                           help="with --default-head: overwrite the committed default head inside the package")
         add_config_arguments(p, cls)
         p.set_defaults(func=_train_command(name))
     _add_eval(sub)
@@ -77,6 +79,11 @@ def _train_command(name: str) -> Callable[[argparse.Namespace], int]:
             from rewardkit.training.reproduce_default import DEFAULT_HEAD_RECIPE
 
             overrides = dict(DEFAULT_HEAD_RECIPE)
+            if not getattr(args, "force", False):  # never overwrite the packaged head by accident
+                overrides["output_dir"] = "runs/default-head"
+        elif getattr(args, "force", False):
+            print("error: --force only applies with --default-head", file=sys.stderr)
+            return 2
         try:
             cfg = config_from_args(cls, args, overrides)
             cfg.validate()
