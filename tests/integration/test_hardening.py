@@ -91,6 +91,39 @@ def test_auth_keys_from_env_and_file_and_open_probes(guarded: ServerProcess) -> 
         assert secret not in logs
 
 
+def test_auth_details_scheme_case_body_not_read_docs_closed(guarded: ServerProcess) -> None:
+    """Issue 16 #13: the Bearer scheme is case-insensitive; a body without a key is refused before it is read;
+    /docs and /openapi.json need the key when keys are set."""
+    url = guarded.url
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        r = httpx.post(url + "/v1/rewards", json={"items": [{"text": "x"}]},
+                       headers={"Authorization": f"{scheme} {KEYS_ENV[0]}"})
+        assert r.status_code == 200, scheme
+    # a streamed body without a key: the 401 comes back while the client still has most of the body unsent
+    sent = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent
+        yield b'{"items": ['
+        for _ in range(2000):
+            sent += 1
+            yield b'{"text": "' + b"a" * 1000 + b'"},'
+        yield b'{"text": "a"}]}'
+
+    r = httpx.post(url + "/v1/rewards", content=body(), headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+    assert r.headers.get("www-authenticate") == "Bearer"
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(url + path).status_code == 401, path
+        assert httpx.get(url + path, headers=_auth(KEY_FILE)).status_code == 200, path
+
+
+def test_head_version_with_thousands_of_digits_is_404(guarded: ServerProcess) -> None:
+    """Issue 16 #8: Python's integer digit limit made this a 500."""
+    r = httpx.post(guarded.url + "/v1/r2m/heads/r2m-" + "9" * 5000 + "/activate", headers=_auth(KEY_FILE))
+    assert r.status_code == 404 and r.json()["error"]["field"] == "version"
+
+
 # -- 2. limits ------------------------------------------------------------------------------------------------------
 def test_each_limit_is_a_4xx_naming_the_limit(guarded: ServerProcess) -> None:
     url, h = guarded.url, _auth(KEYS_ENV[0])

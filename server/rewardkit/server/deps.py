@@ -51,9 +51,10 @@ def check_service(request: Request) -> Any:
 
 def check_key(keys: list[bytes], header: str | None) -> bool:
     """Constant-time comparison against every configured key (no early exit on the first match)."""
-    if not header or not header.startswith("Bearer "):
+    scheme, _, token = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():  # the auth scheme is case-insensitive (RFC 9110 11.1)
         return False
-    given = header[len("Bearer "):].strip().encode()
+    given = token.strip().encode()
     ok = False
     for k in keys:
         ok |= hmac.compare_digest(given, k)

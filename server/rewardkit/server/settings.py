@@ -62,6 +62,8 @@ class Settings(BaseSettings):
         default_factory=list, description="bearer keys (env: comma-separated or a JSON list)")
     api_keys_file: Path | None = Field(None, description="file with one API key per line")
     metrics_require_auth: bool = False
+    docs_require_auth: bool = Field(True, description="with API keys set, /docs, /redoc and /openapi.json need a key "
+                                    "too; false keeps them open")
     grace_period_s: float = Field(30.0, ge=0)
     log_level: str = "INFO"
     access_log: bool = Field(False, description="uvicorn's per-request access log (costs ~10% of a tiny request)")
@@ -95,7 +97,7 @@ class Settings(BaseSettings):
     r2m_max_positions: int = Field(1024, ge=1, description="frames with more positions are strided-pooled to this")
     r2m_max_stream_bytes: int = Field(4 * 1024 ** 3, ge=1024, description="body limit of streamed R2M requests")
     r2m_max_pending_groups: int = Field(4096, ge=1, description="incomplete groups held before 429")
-    r2m_keep_versions: int = Field(0, ge=0, description="head versions kept on disk; 0 = all")
+    r2m_keep_versions: int = Field(20, ge=0, description="head versions kept on disk (the newest N, plus the initial and the active one); 0 = all (the disk grows one file per update)")
     r2m_updater: bool = Field(True, description="run the updater here (one per fleet: others only ingest)")
     r2m_seed: int = Field(0, description="seed of the initial head's random projections")
     r2m_updater_pause: float = Field(0.0, ge=0.0, le=100.0,

@@ -149,3 +149,19 @@ def test_updater_thread_applies_from_the_queue(tmp_path: Path) -> None:
     finally:
         up.stop()
     assert not up.running
+
+
+def test_store_keeps_a_bounded_number_of_versions_by_default(tmp_path: Path) -> None:
+    """Issue 16 #14: every update wrote a head file and none was deleted, so a client could grow the disk."""
+    from rewardkit.server.settings import Settings
+
+    keep = Settings().r2m_keep_versions
+    assert keep > 0
+    store = HeadStore(tmp_path, "tiny/model", keep=keep)
+    head, _ = _store(tmp_path / "seed").load(0)
+    store.save(head, 0, round=0, applied=[], parent=None)
+    for n in range(1, keep + 11):
+        store.save(head, n, round=n, applied=[], parent=version_name(n - 1))
+    nums = store.numbers()
+    assert 0 in nums and nums[-1] == keep + 10  # the initial head stays, the newest is there
+    assert len(nums) <= keep + 2

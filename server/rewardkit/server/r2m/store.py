@@ -32,7 +32,7 @@ from rewardkit.core.r2m import R2MHead, load_head, read_head_metadata, save_head
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^r2m-(\d{6,})\.safetensors$")
+_NAME = re.compile(r"^r2m-(\d{6,12})\.safetensors$")  # bounded: int() of 5,000 digits raises
 
 
 def version_name(n: int) -> str:
@@ -42,7 +42,7 @@ def version_name(n: int) -> str:
 
 def parse_version(name: str) -> int | None:
     """``"r2m-000007" -> 7``; anything else -> None."""
-    m = re.fullmatch(r"r2m-(\d{6,})", name)
+    m = re.fullmatch(r"r2m-(\d{6,12})", name)
     return int(m.group(1)) if m else None
 
 
