@@ -124,6 +124,19 @@ def test_head_version_with_thousands_of_digits_is_404(guarded: ServerProcess) ->
     assert r.status_code == 404 and r.json()["error"]["field"] == "version"
 
 
+def test_deeply_nested_frame_header_is_a_4xx(guarded: ServerProcess) -> None:
+    """Issue 16 #7: a header nested ~30,000 deep escaped the frame parser as a RecursionError (500)."""
+    import struct
+
+    header = b'{"group_id":"g","index":0,"round":0,"x":' + b"[" * 30000 + b"]" * 30000 + b"}"
+    body = b"RKF1" + struct.pack("<I", len(header)) + header
+    for path in ("/v1/r2m/rewards", "/v1/r2m/feedback"):
+        r = httpx.post(guarded.url + path, content=body,
+                       headers={**_auth(KEY_FILE), "content-type": "application/octet-stream"})
+        assert r.status_code == 422, (path, r.status_code, r.text[:300])
+        assert "levels deep" in r.json()["error"]["message"]
+
+
 # -- 2. limits ------------------------------------------------------------------------------------------------------
 def test_each_limit_is_a_4xx_naming_the_limit(guarded: ServerProcess) -> None:
     url, h = guarded.url, _auth(KEYS_ENV[0])

@@ -223,6 +223,31 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+MAX_HEADER_DEPTH = 32  # a frame header is a flat object with one small nested item; 32 levels is plenty
+
+
+def _nesting_depth(text: str) -> int:
+    """Deepest bracket nesting of a JSON text, counted without recursion (strings skipped)."""
+    depth = best = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
 class FrameDecoder:
     """Incremental, bounded-memory decoder: ``feed(bytes) -> list[Frame]``, then ``close()``.
 
@@ -379,6 +404,12 @@ class FrameDecoder:
     def _parse_header(self, idx: int) -> dict[str, Any]:
         try:
             text = bytes(self._buf).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FrameError(f"header is not valid UTF-8 JSON: {e}", idx, "header") from None
+        depth = _nesting_depth(text)
+        if depth > MAX_HEADER_DEPTH:  # json.loads would recurse once per level: RecursionError, a 500
+            raise FrameError(f"header nests {depth} levels deep; at most {MAX_HEADER_DEPTH} are allowed", idx, "header")
+        try:
             h = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, ValueError) as e:
             raise FrameError(f"header is not valid UTF-8 JSON: {e}", idx, "header") from None
