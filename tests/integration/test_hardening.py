@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import signal
 import socket
@@ -135,6 +136,41 @@ def test_deeply_nested_frame_header_is_a_4xx(guarded: ServerProcess) -> None:
                        headers={**_auth(KEY_FILE), "content-type": "application/octet-stream"})
         assert r.status_code == 422, (path, r.status_code, r.text[:300])
         assert "levels deep" in r.json()["error"]["message"]
+
+
+def _frames(n: int, s: int = 3, d: int = 64, value: float | None = None) -> bytes:
+    import numpy as np
+
+    from rewardkit.core.wire import encode_stream
+
+    rng = np.random.default_rng(0)
+    arrays = [np.full((s, d), value, np.float32) if value is not None else rng.normal(size=(s, d)).astype(np.float32)
+              for _ in range(n)]
+    return encode_stream([({"group_id": f"g{i // 2}", "index": i % 2, "round": 1,
+                            "item": {"prompt": "q", "response": f"answer {i}"}}, a, "float32")
+                          for i, a in enumerate(arrays)])
+
+
+def test_r2m_rewards_frame_count_refused_413(guarded: ServerProcess) -> None:
+    """Issue 16 #1: the count was checked only after the whole stream was buffered (see the unit test for "as soon as
+    passed"); here: the real server refuses more frames than max_items_per_request=8 with 413 naming the limit."""
+    r = httpx.post(guarded.url + "/v1/r2m/rewards", content=_frames(20),
+                   headers={**_auth(KEY_FILE), "content-type": "application/octet-stream"})
+    assert r.status_code == 413 and "max_items_per_request=8" in r.json()["error"]["message"]
+    ok = httpx.post(guarded.url + "/v1/r2m/rewards", content=_frames(4),
+                    headers={**_auth(KEY_FILE), "content-type": "application/octet-stream"})
+    assert ok.status_code == 200 and len(ok.json()["rewards"]) == 4
+
+
+def test_huge_finite_states_never_give_a_null_reward(guarded: ServerProcess) -> None:
+    """Issue 16 #10: float32 states near 3e38 overflowed when pooled past r2m_max_positions (after the NaN/Inf check)
+    and the answer was 200 with rewards [null, null]."""
+    r = httpx.post(guarded.url + "/v1/r2m/rewards", content=_frames(2, s=1100, value=3e38),
+                   headers={**_auth(KEY_FILE), "content-type": "application/octet-stream"})
+    if r.status_code == 200:
+        assert all(isinstance(x, float) and math.isfinite(x) for x in r.json()["rewards"]), r.text[:300]
+    else:
+        assert r.status_code == 422 and "not finite" in r.json()["error"]["message"], r.text[:300]
 
 
 # -- 2. limits ------------------------------------------------------------------------------------------------------

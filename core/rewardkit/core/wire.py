@@ -436,8 +436,9 @@ def reduce_positions(array: np.ndarray, max_positions: int) -> np.ndarray:
     """Strided mean pooling over positions: (S, D) -> (ceil(S / k), D) with k = ceil(S / max_positions).
 
     Output row i is the mean of input rows [i*k, min((i+1)*k, S)); the last window may be shorter.
-    When S <= max_positions the input is returned unchanged. Means are taken in float32 and cast
-    back to the input dtype. When k divides S, the column means of the output equal those of the
+    When S <= max_positions the input is returned unchanged. Means are taken in float64 and cast
+    back to the input dtype: a mean of finite values is finite, even for values near float32's maximum (float32 sums
+    overflowed to inf there). When k divides S, the column means of the output equal those of the
     input (up to rounding).
     """
     if not _is_int(max_positions) or max_positions < 1:
@@ -451,6 +452,6 @@ def reduce_positions(array: np.ndarray, max_positions: int) -> np.ndarray:
     k = math.ceil(s / max_positions)
     starts = np.arange(0, s, k)  # (S',)
     counts = np.minimum(starts + k, s) - starts  # (S',)
-    sums = np.add.reduceat(a.astype(np.float32), starts, axis=0)  # (S', D)
-    out = sums / counts[:, None].astype(np.float32)  # (S', D)
+    sums = np.add.reduceat(a.astype(np.float64), starts, axis=0)  # (S', D)
+    out = sums / counts[:, None].astype(np.float64)  # (S', D)
     return out.astype(a.dtype, copy=False)

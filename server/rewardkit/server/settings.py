@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     r2m_group_size: int = Field(4, ge=2, le=1024, description="K: a group is complete with K members (or a flush)")
     r2m_max_frame_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest hidden-state payload per frame")
     r2m_max_frames_per_stream: int = Field(10_000, ge=1, description="frames per feedback/rewards request")
+    r2m_max_rewards_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="hidden-state bytes one "
+                                       "/v1/r2m/rewards request may hold after pooling; refused (413) as soon as passed")
     r2m_max_positions: int = Field(1024, ge=1, description="frames with more positions are strided-pooled to this")
     r2m_max_stream_bytes: int = Field(4 * 1024 ** 3, ge=1024, description="body limit of streamed R2M requests")
     r2m_max_pending_groups: int = Field(4096, ge=1, description="incomplete groups held before 429")

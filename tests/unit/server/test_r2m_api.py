@@ -195,3 +195,43 @@ def test_streams_are_exempt_from_max_body_bytes_but_bounded_by_their_own_limit(c
     finally:
         r2m.settings.r2m_max_stream_bytes = old
     assert r.status_code == 413 and "r2m_max_stream_bytes=10000" in _err(r).error.message
+
+
+def test_rewards_stream_is_refused_as_soon_as_the_frame_limit_is_passed(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Issue 16 #1: /v1/r2m/rewards buffered the whole stream (2,000 frames: +500 MiB, 413 after ~1 minute) before
+    counting. Now the frame past max_items_per_request is refused and the rest of the stream is never read."""
+    rm = load_reward_model(tiny_llama_dir)
+    settings = Settings(model=str(tiny_llama_dir), max_length=64, max_items_per_request=5, state_dir=tmp_path,
+                        r2m_policy_hidden_size=D_P, r2m_d_attn=8, r2m_max_rewards_bytes=4096)
+    frames = [encode_frame(h, a, dt, frame_index=i) for i, (h, a, dt) in
+              enumerate(_frames("g", k=2) * 50)]
+    consumed = 0
+
+    async def body():  # type: ignore[no-untyped-def]
+        nonlocal consumed
+        yield MAGIC
+        for f in frames:
+            consumed += 1
+            yield f
+
+    from rewardkit.server.errors import PayloadTooLarge
+
+    with TestClient(create_app(settings, rm=rm)) as c:  # the service itself: TestClient would buffer the body
+        r2m = c.app.state.rk.extras["r2m"]  # type: ignore[attr-defined]
+
+        async def call() -> Exception | None:
+            try:
+                await r2m.rewards(body())
+            except PayloadTooLarge as exc:
+                return exc
+            return None
+
+        err = c.portal.call(call)  # type: ignore[union-attr]
+        assert err is not None and "max_items_per_request=5" in err.message
+        assert consumed == 6, f"{consumed} of {len(frames)} frames were read before the refusal"
+        # the held-bytes limit: 6 x 12 float32 = 288 bytes a frame, 4096 bytes allowed -> refused at frame 14
+        settings.max_items_per_request = 1000
+        consumed = 0
+        err = c.portal.call(call)  # type: ignore[union-attr]
+        assert err is not None and "r2m_max_rewards_bytes=4096" in err.message
+        assert consumed == 15

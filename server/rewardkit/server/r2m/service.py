@@ -297,22 +297,36 @@ class R2MService:
         active = self.updater.active  # scoring finishes on this version even if an update lands meanwhile
         dec = self.decoder()
         frames: list[Frame] = []
-        nbytes = 0
+        nbytes = held = 0
         limit = self.settings.r2m_max_stream_bytes
-        async for chunk in stream:
+        max_items, max_held = self.settings.max_items_per_request, self.settings.r2m_max_rewards_bytes
+        async for chunk in stream:  # every limit is checked as frames arrive, never after buffering the stream
             nbytes += len(chunk)
             if nbytes > limit:
                 raise PayloadTooLarge(f"stream exceeds r2m_max_stream_bytes={limit}", "body")
             for f in dec.feed(chunk):
+                if len(frames) >= max_items:
+                    raise PayloadTooLarge(f"frames: more than max_items_per_request={max_items} frames in one "
+                                          "request (refused at the first one past it)", "frames")
                 self._check_frame(f)
                 f.array = self._policy_hidden(f)
+                held += f.array.nbytes
+                if held > max_held:
+                    raise PayloadTooLarge(f"frames: {held} bytes of hidden states after pooling exceed "
+                                          f"r2m_max_rewards_bytes={max_held} (at frame {f.frame_index}); send fewer "
+                                          "frames per request", "frames")
                 frames.append(f)
         dec.close()
         if not frames:
             raise BadRequest("the stream holds no frame", "body")
-        self.svc.check_items_count(len(frames), "frames")
         h_last, rm_rewards, keys = await self._h_last(frames)
         raw = await asyncio.to_thread(self._score_head, active, frames, h_last)
+        bad = [i for i, v in enumerate(raw) if not np.isfinite(v)]
+        if bad:  # never answer 200 with a null reward
+            f = frames[bad[0]]
+            raise BadRequest(f"frame {f.frame_index}: the R2M head's reward is not finite for these hidden states "
+                             f"(largest |value| {float(np.abs(f.array).max()):.3g}); send the policy's last-layer "
+                             "states as they are, not scaled", f"frames[{f.frame_index}]")
         meta = self.svc.rm.meta
         results = []
         for i, f in enumerate(frames):
