@@ -31,6 +31,14 @@ META_FILE = "rewardkit.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_DIR = "adapter"
 REWARD_TOKEN_RULES = ("transformers", "last_attended")
+HEAD_KINDS = ("scalar",)  # what load_reward_model installs; R2M heads are versioned by the server's own store
+# rewardkit.json field -> the JSON types it may hold (checked before the dataclass is built: a wrong type used to be a
+# bare TypeError, or a str norm_std that failed later)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "backbone": (str,), "model_id": (str,), "format_version": (int,), "head_kind": (str,), "gguf_file": (str, type(None)),
+    "norm_mean": (int, float), "norm_std": (int, float), "reward_token_rule": (str,), "trained": (bool,),
+    "description": (str,), "provenance": (dict,),
+}
 
 
 @dataclasses.dataclass
@@ -64,12 +72,30 @@ class CheckpointMeta:
             )
         if "backbone" not in data:
             raise ModelLoadError(f"{META_FILE} lacks the required field 'backbone'")
+        for name, types in _FIELD_TYPES.items():
+            v = data.get(name, None)
+            if name not in data or (isinstance(v, bool) and bool not in types):
+                if name in data:
+                    raise ModelLoadError(f"{META_FILE}: field {name!r} must be {_type_names(types)}, got {v!r}")
+                continue
+            if not isinstance(v, types):
+                raise ModelLoadError(f"{META_FILE}: field {name!r} must be {_type_names(types)}, got "
+                                     f"{type(v).__name__} {v!r}"[:300])
+        if data.get("head_kind", "scalar") not in HEAD_KINDS:
+            raise ModelLoadError(f"{META_FILE}: head_kind {data['head_kind']!r} is not one this rewardkit loads "
+                                 f"({', '.join(HEAD_KINDS)})")
         meta = cls(**{k: v for k, v in data.items() if k in known})
         if meta.reward_token_rule not in REWARD_TOKEN_RULES:
             raise ModelLoadError(f"{META_FILE}: reward_token_rule must be one of {REWARD_TOKEN_RULES}")
         if not meta.norm_std > 0:
             raise ModelLoadError(f"{META_FILE}: norm_std must be > 0, got {meta.norm_std}")
         return meta
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+             type(None): "null"}
+    return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
 def _fsync_dir(path: Path) -> None:

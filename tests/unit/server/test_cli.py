@@ -156,3 +156,18 @@ def test_default_head_preset_never_overwrites_the_packaged_head(monkeypatch: pyt
         assert seen["out"] == want, argv
     args = build_parser().parse_args(["train", "bt", "--force", "--output-dir", "z"])
     assert args.func(args) == 2
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_a_bad_rewardkit_json_names_the_field(tmp_path: Path) -> None:
+    """Issue 16 #11: wrong field types were a bare TypeError; an unknown head_kind was accepted."""
+    import json
+
+    for patch, message in (({"norm_std": "1.0"}, "field 'norm_std' must be"),
+                           ({"head_kind": "mystery"}, "head_kind 'mystery'")):
+        d = tmp_path / next(iter(patch))
+        d.mkdir()
+        (d / "rewardkit.json").write_text(json.dumps({"backbone": "embedded:smollm2", "model_id": "m", **patch}))
+        r = _serve("--model", str(d), "--port", str(free_port()))
+        assert r.returncode == 1 and message in r.stderr, r.stderr[-500:]
+        assert "TypeError" not in r.stderr
