@@ -169,6 +169,9 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
         settings = self.state.settings
+        from rewardkit.server.protocol import MAX_ITEMS
+
+        MAX_ITEMS.set(settings.max_items_per_request)  # read by the request schemas' count checks (this task only)
         keys = settings.key_values() if scope["type"] == "http" else []
         path = scope.get("path", "")
         if not keys or path in self.OPEN or (path == "/metrics" and not settings.metrics_require_auth) or (

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from rewardkit.core.formatting import ScoreItem
 from rewardkit.server.deps import get_service, require_api_key
 from rewardkit.server.errors import BadRequest
-from rewardkit.server.protocol import ChatMessage, ErrorResponse
+from rewardkit.server.protocol import ChatMessage, ErrorResponse, check_count
 from rewardkit.server.serving import RewardService, set_score_headers
 
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 503)}
@@ -40,6 +40,11 @@ class GetRewardRequest(BaseModel):
     query: list[str] = Field(..., description="full prompt+response texts, formatted by the policy (may be empty)")
     prompts: list[str] | None = Field(None, description="the prompt part of each query (marks where the response starts)")
     labels: list[Any] | None = None
+
+    @field_validator("query", "prompts", "labels", mode="before")
+    @classmethod
+    def _count(cls, v: Any, info: Any) -> Any:
+        return check_count(v, info.field_name)
 
 
 class GetRewardResponse(BaseModel):
@@ -85,6 +90,11 @@ class _CompatRequest(BaseModel):
     priority: int = 0
     user: str | None = None
     dimensions: int | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _count(cls, v: Any) -> Any:
+        return check_count(v, "input")
 
     @field_validator("input")
     @classmethod

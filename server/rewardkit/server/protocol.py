@@ -3,9 +3,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from contextvars import ContextVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The server's max_items_per_request for the request being parsed (set by the app's middleware). The list validators
+# below check a list's length *before* pydantic validates its elements: 300k tiny items used to stall the event loop
+# for seconds of per-item validation before the 413.
+MAX_ITEMS: ContextVar[int | None] = ContextVar("rewardkit_max_items", default=None)
+
+
+def check_count(v: Any, field: str) -> Any:
+    """Refuse a list longer than ``max_items_per_request`` with 413, before its items are validated."""
+    limit = MAX_ITEMS.get()
+    if limit is not None and isinstance(v, list) and len(v) > limit:
+        from rewardkit.server.errors import PayloadTooLarge
+
+        raise PayloadTooLarge(f"{field}: {len(v)} items exceeds max_items_per_request={limit}", field=field)
+    return v
 
 
 class ErrorInfo(BaseModel):
@@ -52,6 +68,11 @@ class RewardRequest(BaseModel):
     model: str | None = None
     items: list[RewardItem] = Field(..., min_length=1)
     dense: bool = False
+
+    @field_validator("items", mode="before")
+    @classmethod
+    def _count(cls, v: Any) -> Any:
+        return check_count(v, "items")
     beta: float = Field(0.8, ge=0.0, le=1.0, description="ABC: share of the reward spread by attention")
     encoding_format: Literal["base64", "float"] = "base64"
     truncate: bool | None = Field(None, description="override the server's truncation setting for this request")
