@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     r2m_max_positions: int = Field(1024, ge=1, description="frames with more positions are strided-pooled to this")
     r2m_max_stream_bytes: int = Field(4 * 1024 ** 3, ge=1024, description="body limit of streamed R2M requests")
     r2m_max_pending_groups: int = Field(4096, ge=1, description="incomplete groups held before 429")
+    r2m_max_pending_frames: int = Field(65536, ge=1, description="frames of incomplete groups held before 429")
+    r2m_max_pending_bytes: int = Field(2 * 1024 ** 3, ge=1024, description="hidden-state bytes of incomplete groups "
+                                       "held before 429")
+    r2m_max_group_size: int = Field(1024, ge=2, description="largest header.group_size a frame may declare (422)")
     r2m_keep_versions: int = Field(20, ge=0, description="head versions kept on disk (the newest N, plus the initial and the active one); 0 = all (the disk grows one file per update)")
     r2m_updater: bool = Field(True, description="run the updater here (one per fleet: others only ingest)")
     r2m_seed: int = Field(0, description="seed of the initial head's random projections")

@@ -98,6 +98,9 @@ async def activate(version: str, r2m: R2M) -> HeadList:
         await asyncio.to_thread(r2m.updater.activate, version)
     except KeyError:
         raise NotFound(f"unknown head version {version!r}; GET /v1/r2m/heads lists them", "version") from None
+    except OSError as exc:  # the record could not be written: nothing changed (the served head included)
+        raise NotReady(f"rollback not recorded ({type(exc).__name__}: {exc}); the active head is unchanged",
+                       retry_after=5.0) from exc
     return await asyncio.to_thread(_head_list, r2m)
 
 

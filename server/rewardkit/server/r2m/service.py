@@ -95,9 +95,10 @@ class R2MService:
     # -- shared: frames -> (H_last, policy hidden) -------------------------------------------------------------
     def _check_frame(self, f: Frame) -> None:
         gs = f.header.get("group_size")
-        if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or gs < 2):
-            raise FrameError(f"header.group_size must be an integer >= 2 (GREBT needs a pair), got {gs!r}",
-                             f.frame_index, "header.group_size")
+        cap = self.settings.r2m_max_group_size
+        if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or not 2 <= gs <= cap):
+            raise FrameError(f"header.group_size must be an integer within [2, {cap}] (GREBT needs a pair; "
+                             f"r2m_max_group_size={cap}), got {gs!r}", f.frame_index, "header.group_size")
         key = f.header.get("rm_item_key")
         if key is not None and not isinstance(key, str):
             raise FrameError("header.rm_item_key must be a string", f.frame_index, "header.rm_item_key")
@@ -167,10 +168,8 @@ class R2MService:
     # -- feedback ----------------------------------------------------------------------------------------------
     async def ingest(self, stream: AsyncIterator[bytes], flush: bool = False) -> FeedbackResponse:
         """Parse, enrich and queue a feedback stream. Frames before a bad one are kept; the error names the frame."""
-        if self.updater.pending_groups() >= self.settings.r2m_max_pending_groups:
-            raise Overloaded(f"{self.updater.pending_groups()} incomplete groups pending "
-                             f"(r2m_max_pending_groups={self.settings.r2m_max_pending_groups}): complete or flush them",
-                             retry_after=1.0)
+        if not flush:  # a flush must always get through: it is how a client drains what is pending
+            self._check_pending(0, 0, 0)
         dec = self.decoder()
         limit = self.settings.r2m_max_stream_bytes
         nbytes, accepted = 0, 0
@@ -215,6 +214,18 @@ class R2MService:
             await self._flush(sorted(set(keys)), resp)
         return resp
 
+    def _check_pending(self, frames: int, nbytes: int, groups: int) -> None:
+        """Refuse (429) feedback that would take the incomplete groups past any bound: groups, frames or bytes."""
+        s, u = self.settings, self.updater
+        for what, have, limit in (("incomplete groups", u.pending_groups() + groups, s.r2m_max_pending_groups),
+                                  ("pending frames", u.pending_frames() + frames, s.r2m_max_pending_frames),
+                                  ("pending bytes", u.pending_bytes() + nbytes, s.r2m_max_pending_bytes)):
+            if have > limit or (frames == 0 and have >= limit):
+                name = {"incomplete groups": "r2m_max_pending_groups", "pending frames": "r2m_max_pending_frames",
+                        "pending bytes": "r2m_max_pending_bytes"}[what]
+                raise Overloaded(f"{have} {what} would be held ({name}={limit}): complete the groups or flush them "
+                                 "(POST /v1/r2m/feedback?flush=true always works)", field=name, retry_after=1.0)
+
     async def _accept(self, frames: list[Frame], keys: list[str]) -> tuple[int, Exception | None]:
         """Queue the frames up to the first bad one. Returns (frames queued, the error or None)."""
         good: list[Frame] = []
@@ -244,6 +255,11 @@ class R2MService:
                                   group_size=int(f.header.get("group_size", default_k)), h_last=h,
                                   hidden=self._policy_hidden(f)) for f, h in zip(good, h_last, strict=True)]
         try:
+            self._check_pending(len(samples), sum(x.hidden.nbytes + x.h_last.nbytes for x in samples),
+                                len({x.key for x in samples}))
+        except Overloaded as exc:
+            return 0, exc
+        try:
             await self.queue.put(samples)
         except Exception as exc:  # noqa: BLE001 - the queue (Redis) is down: these frames were not accepted
             log.warning("r2m feedback queue put failed: %s", exc)
@@ -264,7 +280,7 @@ class R2MService:
         kept = f"; the {accepted} earlier good frames were accepted" if accepted else "; no frame was accepted"
         if isinstance(error, FrameError):
             raise StreamError(error.message + kept, error.field)
-        if isinstance(error, (BadRequest, PayloadTooLarge)):
+        if isinstance(error, (BadRequest, PayloadTooLarge, Overloaded)):
             error.message += kept
             raise error
         if isinstance(error, InputError):
@@ -281,8 +297,13 @@ class R2MService:
         deadline = time.monotonic() + 60.0
         while (res := self.updater.flush_result(fid)) is None:
             if time.monotonic() > deadline:
-                return
+                raise NotReady("flush not confirmed within 60 s (the updater is busy or failing: GET "
+                               "/v1/r2m/status says why); the feedback is kept pending", retry_after=5.0)
             await asyncio.sleep(0.005)
+        if res.get("error"):  # nothing was applied and the feedback is kept: say so with a 5xx, never a quiet 200
+            raise NotReady(f"flush not applied: {res['error']}; the pending feedback is kept (this request's "
+                           f"{resp.accepted_frames} frames included); retry the flush once the server's state "
+                           "directory is writable", retry_after=5.0)
         resp.applied_groups = list(res["applied"])
         resp.head_version = str(res["version"])
         if res["rejected"]:

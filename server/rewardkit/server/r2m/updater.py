@@ -128,8 +128,9 @@ class R2MUpdater:
         if number is None or number not in self.store.numbers():
             raise KeyError(version)
         with self._update_lock:
-            self._active = self._load(number)
-            self.store.set_active(number)
+            loaded = self._load(number)
+            self.store.set_active(number)  # the durable record first: if it cannot be written, nothing changes
+            self._active = loaded
             self._opt_state = None  # optimiser moments belong to the lineage we left
         log.info("r2m head activated version=%s", version)
         return self._active
@@ -152,6 +153,11 @@ class R2MUpdater:
 
     def pending_frames(self) -> int:
         return sum(len(g.members) for g in list(self._pending.values()))
+
+    def pending_bytes(self) -> int:
+        """Hidden-state bytes held by incomplete groups."""
+        return sum(s.hidden.nbytes + np.asarray(s.h_last).nbytes for g in list(self._pending.values())
+                   for _, s in g.members.values())
 
     def flush_result(self, flush_id: str) -> dict[str, Any] | None:
         return self._flush_results.get(flush_id)
@@ -195,10 +201,15 @@ class R2MUpdater:
                     flushes.append((e.flush_id, rejected))
             else:
                 acks.append(e.id)
-        applied = self._apply(ready) if ready else []
+        error: str | None = None
+        try:
+            applied = self._apply(ready) if ready else []
+        except UpdateFailed as exc:  # nothing applied, nothing acknowledged: the groups wait in _pending
+            applied, error = [], str(exc)
         self._ack(acks)
         for fid, rejected in flushes:
-            self._flush_results[fid] = {"applied": applied, "rejected": rejected, "version": self._active.version}
+            self._flush_results[fid] = {"applied": applied, "rejected": rejected, "version": self._active.version,
+                                        "error": error}
             while len(self._flush_results) > 1000:
                 self._flush_results.popitem(last=False)
         return applied
@@ -248,9 +259,17 @@ class R2MUpdater:
                 log.warning("r2m update rejected groups=%d stats=%s", len(keys), stats)
                 self._ack(ids)
                 return []
-            number = max(self.store.numbers()) + 1
             stats["w"] = w
-            self.store.save(head, number, round=rnd, applied=keys, parent=base.version, stats=stats)  # durable
+            try:
+                number = max(self.store.numbers()) + 1
+                self.store.save(head, number, round=rnd, applied=keys, parent=base.version, stats=stats)  # durable
+            except Exception as exc:  # noqa: BLE001 - e.g. the state directory became read-only or full
+                for k, g in reversed(groups):  # keep the feedback: back at the front, not acknowledged
+                    self._pending[k] = g
+                    self._pending.move_to_end(k, last=False)
+                self.last_error = f"head store not writable: {type(exc).__name__}: {exc}"
+                log.error("r2m update not applied (feedback kept, %d groups): %s", len(keys), self.last_error)
+                raise UpdateFailed(self.last_error) from exc
             head.eval().requires_grad_(False)
             self._active = ActiveHead(number=number, head=head, round=rnd)  # the atomic swap
             self._opt_state = copy.deepcopy(opt.state_dict())
@@ -304,6 +323,10 @@ class R2MUpdater:
                 log.exception("r2m updater loop error; retrying in %.1fs", backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+class UpdateFailed(RuntimeError):
+    """An update could not be made durable; its groups are kept pending and nothing was acknowledged."""
 
 
 def new_flush_id() -> str:
