@@ -454,3 +454,27 @@ def test_operations_doc_lists_every_setting() -> None:
         if f"`{want}`" not in row and f"`{want} (" not in row:
             wrong.append((name, want))
     assert not missing and not wrong, f"missing rows: {missing}; defaults that differ: {wrong}"
+
+
+def test_client_disconnect_mid_stream_on_r2m_is_not_a_500(guarded: ServerProcess) -> None:
+    """Issue 16 #9: a client that disconnects mid-stream on an R2M route left an ERROR traceback and a 500 in the
+    metrics."""
+    h = _auth(KEY_FILE)
+
+    def count(status: str) -> float:
+        text = httpx.get(guarded.url + "/metrics", headers=h).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("rewardkit_requests_total{") and f'status="{status}"' in line and "r2m" in line)
+
+    before, before_499 = count("500"), count("499")
+    for path in ("/v1/r2m/feedback", "/v1/r2m/rewards"):
+        with socket.create_connection(("127.0.0.1", guarded.port)) as s:
+            s.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_FILE}\r\n"
+                       "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n").encode()
+                      + b"RKF1" + b"\x10\x00\x00\x00")
+            time.sleep(0.3)
+        time.sleep(0.5)
+    assert count("500") == before
+    assert count("499") == before_499 + 2  # counted as "client closed request"
+    tail = guarded.logs()[-4000:]
+    assert "Traceback" not in tail and "ClientDisconnect" not in tail

@@ -137,6 +137,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _input_error(_: Request, exc: InputError) -> JSONResponse:
         return error_response(BadRequest(exc.message, exc.field))
 
+    from starlette.requests import ClientDisconnect
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # The client went away mid-body (a streamed R2M request): not a server error. 499 is nginx's "client closed
+        # request"; nobody reads it, but the metrics and the log then say what happened instead of a 500 traceback.
+        log.info("client disconnected mid-request path=%s", request.url.path)
+        return JSONResponse(error_body("client_closed_request", "the client disconnected before the body was read",
+                                       "body"), status_code=499)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
