@@ -288,15 +288,53 @@ def load_reward_model(
                        head_version=_head_version(head), device=dev, dtype=dt)
 
 
+@torch.no_grad()
+def merge_lora(model: nn.Module, adapter_dir: Path) -> int:
+    """Merge a peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into ``model``'s weights:
+    ``W += (alpha / r) * B @ A`` per adapted linear layer (``alpha / sqrt(r)`` with rsLoRA). Torch only, so serving a
+    LoRA checkpoint needs no peft; equal to peft's ``merge_and_unload`` (tested). Returns the layers merged.
+
+    Example::
+
+        merge_lora(rm.model, Path("runs/lora/adapter"))
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("alpha_pattern") or cfg.get(
+            "rank_pattern"):
+        raise ModelLoadError(f"{adapter_dir}: only plain LoRA adapters are supported (no DoRA, no per-layer ranks)")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    modules = dict(model.named_modules())
+    merged = 0
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0]
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        # peft saves "base_model.model.<the model's own module path>"
+        path = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+        target = modules.get(path)
+        if not isinstance(target, nn.Linear):
+            raise ModelLoadError(f"{adapter_dir}: adapter layer {path!r} is not a linear layer of this backbone")
+        delta = (b.float() @ a.float()) * scale  # (out, r) @ (r, in) -> (out, in)
+        if cfg.get("fan_in_fan_out"):
+            delta = delta.T
+        target.weight += delta.to(target.weight.dtype)
+        merged += 1
+    if merged == 0:
+        raise ModelLoadError(f"{adapter_dir}: no LoRA weights found in adapter_model.safetensors")
+    return merged
+
+
 def _apply_checkpoint(model: nn.Module, head: nn.Linear, base: Path, meta: ckpt.CheckpointMeta) -> None:
     adapter = base / ckpt.ADAPTER_DIR
     if adapter.is_dir():
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
-        merged = peft_model.merge_and_unload()
-        if merged is not model:
-            model.load_state_dict(merged.state_dict())
+        merge_lora(model, adapter)
         head = get_score_head(model)
     state = ckpt.load_head_state(base)
     if tuple(state["weight"].shape) != tuple(head.weight.shape):

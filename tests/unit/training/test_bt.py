@@ -123,6 +123,15 @@ def test_lora_changes_every_trainable_param_and_round_trips(tiny_llama_dir: Path
     loaded = load_reward_model(tmp_path / "l")
     assert _scores(loaded) == pytest.approx(_scores(res.rm), rel=1e-4, abs=1e-5)
     assert _scores(loaded) != pytest.approx(_scores(base), rel=1e-3)
+    # serving merges the adapter with torch alone (no peft at serve time): the same weights as peft's own merge
+    from peft import PeftModel
+
+    ref = load_reward_model(tiny_llama_dir)
+    peft_merged = PeftModel.from_pretrained(ref.model, str(tmp_path / "l" / "adapter")).merge_and_unload()
+    ours = dict(loaded.model.named_parameters())
+    for name, p in peft_merged.named_parameters():
+        if name in ours and not name.startswith(("score", "classifier")):
+            assert torch.allclose(ours[name], p, atol=1e-6), name
 
 
 def test_full_finetune_round_trips(tiny_llama_dir: Path, train_file: Path, tmp_path: Path) -> None:
