@@ -120,3 +120,21 @@ def test_fleet_ingest_anywhere_one_updater_heads_reach_every_replica(tiny_llama_
         finally:
             b.stop()
             a.stop()
+
+
+def test_redis_back_empty_the_updater_recreates_its_group(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Issue 16 #3: Redis that came back empty (FLUSHALL, a restart without persistence) left the updater looping on
+    NOGROUP while feedback still got 200 and was never trained."""
+    require_redis()
+    with RedisProcess(tmp_path) as rp:
+        with ServerProcess(tiny_llama_dir, tmp_path, "--redis-url", rp.url, "--max-length", "128", env=ENV) as srv:
+            with FeedbackStream(srv.url, batch_frames=8) as fs:
+                _send(fs, "before", range(4))
+                fs.flush(complete_groups=False)
+            _wait(lambda: sum(_applied_groups(srv.url)) == 1)
+            redis.Redis.from_url(rp.url).flushall()  # stream and consumer group gone
+            with FeedbackStream(srv.url, batch_frames=8) as fs:
+                _send(fs, "after", range(4))
+                fs.flush(complete_groups=False)
+            _wait(lambda: sum(_applied_groups(srv.url)) == 2, timeout=30)
+            assert "recreating it" in srv.logs()

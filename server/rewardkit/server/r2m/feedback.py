@@ -179,7 +179,23 @@ class RedisFeedbackQueue:
         self._group_ready = True
 
     def get(self, timeout: float) -> list[Entry]:
-        """First the entries delivered to this consumer before a restart and never acknowledged, then new ones."""
+        """First the entries delivered to this consumer before a restart and never acknowledged, then new ones.
+
+        Redis that comes back empty (no persistence, a failover, FLUSHALL) has lost the consumer group: the read
+        answers NOGROUP. The group is then recreated and reading goes on, instead of looping on NOGROUP while
+        feedback keeps being accepted and is never trained."""
+        import redis
+
+        try:
+            return self._get(timeout)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("r2m redis lost the consumer group of %s (restarted empty?); recreating it", self.stream)
+            self._group_ready, self._pending_done, self._pending_cursor = False, False, "0"
+            return self._get(timeout)
+
+    def _get(self, timeout: float) -> list[Entry]:
         self._ensure_group()
         if not self._pending_done:
             resp = self._sync.xreadgroup(STREAM_GROUP, CONSUMER, {self.stream: self._pending_cursor}, count=256)
