@@ -170,8 +170,21 @@ def _server_class() -> type:
             self._rk_state = state
 
         def handle_exit(self, sig: int, frame: object) -> None:
-            self._rk_state.shutting_down = True  # type: ignore[attr-defined]
-            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            state = self._rk_state
+            first = not state.shutting_down  # type: ignore[attr-defined]
+            state.shutting_down = True  # type: ignore[attr-defined]
+            delay = state.settings.shutdown_delay_s  # type: ignore[attr-defined]
+            if not first or delay <= 0:  # a second signal: stop now
+                super().handle_exit(sig, frame)  # type: ignore[arg-type]
+                return
+            # uvicorn closes idle kept-alive connections the moment it starts shutting down, so a request sent a few
+            # ms later on one of them met a closed socket with no answer. For shutdown_delay_s the server keeps
+            # serving: new work gets 503 + Retry-After + Connection: close, then uvicorn's own shutdown begins.
+            import threading
+
+            timer = threading.Timer(delay, lambda: uvicorn.Server.handle_exit(self, sig, frame))  # type: ignore[arg-type]
+            timer.daemon = True
+            timer.start()
 
     return Server
 

@@ -42,7 +42,9 @@ def check_service(request: Request) -> Any:
     """The service, or NotReady (503) while the model loads or the server shuts down."""
     st = app_state(request)
     if st.shutting_down:
-        raise NotReady("server is shutting down; retry on another replica", retry_after=5.0)
+        exc = NotReady("server is shutting down; retry on another replica", retry_after=5.0)
+        exc.close_connection = True  # the client must not reuse this connection
+        raise exc
     if st.service is None:
         msg = f"model failed to load: {st.load_error}" if st.load_error else "model is loading"
         raise NotReady(msg, retry_after=5.0)

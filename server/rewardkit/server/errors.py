@@ -77,6 +77,8 @@ def error_response(exc: ServerError) -> JSONResponse:
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if getattr(exc, "close_connection", False):
+        headers["Connection"] = "close"
     return JSONResponse(error_body(exc.type, exc.message, exc.field), status_code=exc.status, headers=headers)
 
 

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     docs_require_auth: bool = Field(True, description="with API keys set, /docs, /redoc and /openapi.json need a key "
                                     "too; false keeps them open")
     grace_period_s: float = Field(30.0, ge=0)
+    shutdown_delay_s: float = Field(1.0, ge=0, le=60, description="after SIGTERM, keep answering (503 + Connection: "
+                                    "close) this long before uvicorn closes idle kept-alive connections")
     log_level: str = "INFO"
     access_log: bool = Field(False, description="uvicorn's per-request access log (costs ~10% of a tiny request)")
     # shared state
