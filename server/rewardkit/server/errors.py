@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class ServerError(Exception):
     status = 500
     type = "internal"
+    close_connection = False  # answer with Connection: close (the server is going away)
 
     def __init__(self, message: str, field: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -77,7 +78,7 @@ def error_response(exc: ServerError) -> JSONResponse:
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if getattr(exc, "close_connection", False):
+    if exc.close_connection:
         headers["Connection"] = "close"
     return JSONResponse(error_body(exc.type, exc.message, exc.field), status_code=exc.status, headers=headers)
 
