@@ -401,7 +401,7 @@ def test_atomic_head_files_survive_kill_9_mid_write(tmp_path: Path) -> None:
 
 def test_model_paths_only_from_operator_config(guarded: ServerProcess) -> None:
     """No request field anywhere in the OpenAPI schema can name a file, directory or model path."""
-    schema = httpx.get(guarded.url + "/openapi.json").json()
+    schema = httpx.get(guarded.url + "/openapi.json", headers=_auth(KEY_FILE)).json()  # behind the key (#13)
     names: set[str] = set()
 
     def walk(node: object) -> None:
