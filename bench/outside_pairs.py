@@ -127,20 +127,20 @@ def _row(prompt: str, chosen: str, rejected: str, family: str, answer: str, dist
             "task": {"family": family, "answer": answer, "distractor": distractor}}
 
 
+STYLE_TEMPLATES = {
+    "enthusiasm": "Great question! {t} Hope this helps!",
+    "emoji": "{t} \U0001F60A\U0001F44D\u2728",
+    "citation": "{t} (Source: Harrington et al., 2019, Journal of General Knowledge, 14(2), 112-118.)",
+    "confidence": "I am 100% certain of this: {t}",
+    "bold": "**{t}**",
+    "repetition": "{t} To repeat: {t}",
+}
+
+
 def stylise(text: str, style: str) -> str:
     """``text`` with one unseen style applied."""
-    if style == "enthusiasm":
-        return f"Great question! {text} Hope this helps!"
-    if style == "emoji":
-        return f"{text} \U0001F60A\U0001F44D\u2728"
-    if style == "citation":
-        return f"{text} (Source: Harrington et al., 2019, Journal of General Knowledge, 14(2), 112-118.)"
-    if style == "confidence":
-        return f"I am 100% certain of this: {text}"
-    if style == "bold":
-        return f"**{text}**"
-    if style == "repetition":
-        return f"{text} To repeat: {text}"
+    if style in STYLE_TEMPLATES:
+        return STYLE_TEMPLATES[style].format(t=text)
     raise ValueError(f"unknown style {style!r}; one of {STYLES}")
 
 

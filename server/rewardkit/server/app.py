@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -17,9 +18,10 @@ from prometheus_client import CollectorRegistry
 
 from rewardkit.core.loading import RewardModel, load_reward_model
 from rewardkit.server import compat, monitoring, routes
-from rewardkit.server.deps import AppState
+from rewardkit.server.deps import AppState, check_key
 from rewardkit.server.errors import error_body, install_error_handlers
 from rewardkit.server.metrics import Metrics
+from rewardkit.server.protocol import MAX_ITEMS
 from rewardkit.server.r2m import routes as r2m_routes
 from rewardkit.server.serving import RewardService
 from rewardkit.server.settings import Settings
@@ -169,8 +171,6 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
         settings = self.state.settings
-        from rewardkit.server.protocol import MAX_ITEMS
-
         MAX_ITEMS.set(settings.max_items_per_request)  # read by the request schemas' count checks (this task only)
         keys = settings.key_values() if scope["type"] == "http" else []
         path = scope.get("path", "")
@@ -179,13 +179,9 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"), None)
-        from rewardkit.server.deps import check_key
-
         if check_key(keys, header):
             await self.app(scope, receive, send)
             return
-        import json
-
         body = json.dumps(error_body("unauthorized", "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                      None)).encode()
         await send({"type": "http.response.start", "status": 401,
