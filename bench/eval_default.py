@@ -3,7 +3,7 @@
 Same fixed evaluation sets as ``bench/headroom.py`` (testbed test/clean/flip splits, 200 pairs each with the same
 seeded sample; the 245 pairs written outside the testbed; the six unseen styles on the wrong and on the right answer,
 120 pairs each). The base LM's per-pair log-likelihood choice and the current default head's choice are read from the
-headroom run's cached features (``--headroom runs/headroom``: fp16 hidden states, so the current head's margins are
+headroom run's cached features (``--headroom runs/headroom``, computed here for the evaluation texts when absent: fp16 hidden states, so the current head's margins are
 rounded; its accuracies match ``rewardkit eval`` to within a pair or two). The candidate is scored through the
 server's own Formatter and Scorer.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from headroom import STYLES, eval_sets, mcnemar  # noqa: E402
+from headroom import STYLES, eval_sets, featurize, mcnemar  # noqa: E402
 
 
 def main() -> None:
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--headroom", default="runs/headroom")
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--json", default="bench/results/default_candidate.json")
+    ap.add_argument("--smoke", action="store_true", help="every set capped at 6 pairs (checks the script, no result)")
     a = ap.parse_args()
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
@@ -46,8 +47,21 @@ def main() -> None:
 
     t0 = time.time()
     evals = eval_sets(Path(a.testbed), Path(a.outside), a.n_eval)
-    index = [tuple(k) for k in json.loads((Path(a.headroom) / "features_index.json").read_text())]
-    feats = load_file(str(Path(a.headroom) / "features.safetensors"))
+    if a.smoke:
+        evals = {k: v[:6] for k, v in evals.items()}
+    texts = sorted({(r["prompt"], r[k]) for rows in evals.values() for r in rows for k in ("chosen", "rejected")})
+    hdir = Path(a.headroom)
+    if not (hdir / "features.safetensors").exists():
+        # No headroom run here: featurise the evaluation texts only, with the same code, and cache them.
+        from safetensors.torch import save_file
+        base = featurize(load_reward_model(None, device="cpu"), texts)
+        hdir.mkdir(parents=True, exist_ok=True)
+        save_file({"h": torch.stack([base[t]["h"] for t in texts]),
+                   "ll": torch.tensor([base[t]["ll"] for t in texts])}, str(hdir / "features.safetensors"))
+        (hdir / "features_index.json").write_text(json.dumps([list(t) for t in texts]))
+        del base
+    index = [tuple(k) for k in json.loads((hdir / "features_index.json").read_text())]
+    feats = load_file(str(hdir / "features.safetensors"))
     pos = {k: i for i, k in enumerate(index)}
     w_default = load_file(str(DEFAULT_HEAD_DIR / "head.safetensors"))["weight"].float().squeeze(0)  # (H,)
     h_last = feats["h"][:, -1, 0].float()  # (N, H): layer 30, the trailing token = the served read-out
@@ -57,7 +71,6 @@ def main() -> None:
     rm = load_reward_model(a.model, device="cpu")
     fmt = Formatter(rm.tokenizer, max_length=1024)
     scorer = Scorer(rm, prefix_sharing=False)
-    texts = sorted({(r["prompt"], r[k]) for rows in evals.values() for r in rows for k in ("chosen", "rejected")})
     encs = [fmt.encode(ScoreItem(prompt=p, response=x)) for p, x in texts]
     order = sorted(range(len(texts)), key=lambda i: encs[i].num_tokens)
     cand: dict[tuple[str, str], float] = {}
