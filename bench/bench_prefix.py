@@ -7,7 +7,7 @@ Methods, each over the same encoded items (K completions per prompt, prompts ~4x
 - ``plain_padded``: rewardkit's plain batched path: the scheduler's length-sorted batches (``select_batch``,
   16384-token budget, 25% padding cap), one padded forward each, sharing off.
 - ``plain_unpadded``: rewardkit's CPU default with sharing off: the same batches, one unpadded forward per item.
-- ``shared``: rewardkit's CPU default (sharing on): the same batches selected with prefix keys, ``score_unpadded``
+- ``shared``: rewardkit's CPU default (sharing on): the same batches selected with prefix keys, ``Scorer.score_unpadded``
   (each prompt group: the prompt once, completions against its KV cache; other items alone).
 
 Methods are interleaved over ``--rounds`` rounds and the best wall time of each is kept (the CPU is shared).
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from bench.common import grpo_workload, matmul_peak_gflops  # noqa: E402
 from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem  # noqa: E402
 from rewardkit.core.loading import load_reward_model  # noqa: E402
-from rewardkit.core.prefix import prefix_key, score_unpadded  # noqa: E402
+from rewardkit.core.prefix import prefix_key  # noqa: E402
 from rewardkit.core.scoring import Scorer  # noqa: E402
 from rewardkit.server.scheduler import select_batch  # noqa: E402
 
@@ -72,8 +72,8 @@ def time_methods(encs: list[EncodedItem], plain: Scorer, shared: Scorer, plain_b
     methods: dict[str, Callable[[], list[float]]] = {
         "naive": lambda: [plain.score_batch([e])[0].reward for e in encs],
         "plain_padded": lambda: run_batches(plain_b, plain.score_batch),
-        "plain_unpadded": lambda: run_batches(plain_b, lambda es: score_unpadded(plain, es)),
-        "shared": lambda: run_batches(keyed_b, lambda es: score_unpadded(shared, es)),
+        "plain_unpadded": lambda: run_batches(plain_b, lambda es: plain.score_unpadded(es)),
+        "shared": lambda: run_batches(keyed_b, lambda es: shared.score_unpadded(es)),
     }
     best = {name: float("inf") for name in methods}
     rewards: dict[str, list[float]] = {}

@@ -7,7 +7,8 @@ attends to each of them in the last layer (heads averaged):
 
 so ``sum_t r_t = R``. ``T`` is the last response token.
 
-Cheap by design: the model keeps its fused SDPA kernel. We register an attention function, ``abc_sdpa``, that calls
+Cheap by design: the model keeps its fused SDPA kernel (``rewardkit.core.attention``). We register an attention
+function, ``abc_sdpa``, that calls
 transformers' ``sdpa_attention_forward`` for the real output and, only while a :func:`capture` is active on this
 thread (a ``ContextVar``) and only for the selected layers, computes the ONE attention row needed per batch item:
 ``softmax(q[b, :, t_b] @ k[b]^T * scaling + mask[b, t_b])`` averaged over heads, with post-RoPE queries and keys
@@ -25,23 +26,27 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from rewardkit.core.attention import (
+    ATTN_NAME,
+    AttentionCapture,
+    abc_sdpa_attention,
+    attention_row,
+    capture,
+    register_attention,
+)
 from rewardkit.core.errors import ConfigError, InputError
 from rewardkit.core.formatting import EncodedItem
+from rewardkit.core.forward import ItemScore, pad_batch, reward_indices, scores_from_hidden
 
 if TYPE_CHECKING:
     from rewardkit.core.loading import RewardModel
-    from rewardkit.core.scoring import ItemScore, Scorer
-
-ATTN_NAME = "abc_sdpa"
 
 __all__ = [
     "ATTN_NAME",
@@ -56,7 +61,7 @@ __all__ = [
     "register_attention",
     "resolve_layers",
     "response_weights",
-    "score_batch_with_rows",
+    "score_with_rows",
     "validate_spans",
 ]
 
@@ -97,138 +102,34 @@ def resolve_layers(rm: RewardModel, opts: AbcOptions) -> tuple[int, ...]:
     return tuple(range(first, last + 1))
 
 
-# --- the captured row -----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class AttentionCapture:
-    """What one forward collects: for each selected layer, the head-mean attention row of each batch item's query
-    position. ``positions``: (B,) query index per row, in the padded batch's coordinates."""
-
-    layers: frozenset[int]
-    positions: torch.Tensor
-    rows: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> (B, T_k) float32
-
-    def mean_row(self) -> torch.Tensor:
-        """(B, T_k): the rows averaged over the captured layers."""
-        missing = self.layers - set(self.rows)
-        if missing:
-            raise ConfigError(
-                f"no attention captured for layers {sorted(missing)}: dense rewards need the model loaded with "
-                f"attn_implementation={ATTN_NAME!r} (rewardkit.core.loading does this by default)")
-        if len(self.layers) == 1:
-            return self.rows[next(iter(self.layers))]
-        return torch.stack([self.rows[i] for i in sorted(self.layers)]).mean(0)
-
-
-_CAPTURE: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextVar("rewardkit_abc_capture", default=None)
-
-
-@contextlib.contextmanager
-def capture(layers: Sequence[int], positions: torch.Tensor) -> Iterator[AttentionCapture]:
-    """Capture the attention rows at ``positions`` (B,) for ``layers`` during forwards run inside the block."""
-    cap = AttentionCapture(frozenset(int(i) for i in layers), positions)
-    token = _CAPTURE.set(cap)
-    try:
-        yield cap
-    finally:
-        _CAPTURE.reset(token)
-
-
-def attention_row(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                  scaling: float | None, positions: torch.Tensor) -> torch.Tensor:
-    """Head-mean softmax attention of query position ``positions[b]`` over all keys of row b. Returns (B, T_k) fp32.
-
-    ``query``: (B, Hq, Tq, D) post-RoPE; ``key``: (B, Hkv, Tk, D) post-RoPE, Hq a multiple of Hkv (GQA);
-    ``attention_mask``: None (pure causal), a bool mask (True = attend) or an additive float mask, (B|1, 1|H, Tq, Tk).
-    """
-    b, hq, tq, d = query.shape
-    hkv, tk = key.shape[1], key.shape[2]
-    rep = hq // hkv
-    scale = d**-0.5 if scaling is None else scaling
-    if b == 1:  # the CPU server's unpadded single items: plain slicing, no advanced indexing (fewer small ops)
-        p = int(positions[0])
-        q = query[:, :, p].float()  # (1, Hq, D)
-    else:
-        rows = torch.arange(b, device=query.device)
-        pos = positions.to(query.device)
-        q = query[rows, :, pos].float()  # (B, Hq, D)
-    q = q.reshape(b, hkv, rep, d)  # query heads grouped by their KV head (GQA without repeat_kv)
-    scores = torch.matmul(q, key.float().transpose(-1, -2)).reshape(b, hq, tk) * scale  # (B, Hq, Tk)
-    if attention_mask is None:  # pure causal: keys up to the query's position (keys may include a cache)
-        if b == 1:
-            last = p + (tk - tq)
-            out = torch.zeros(1, tk, dtype=torch.float32, device=query.device)
-            out[:, :last + 1] = torch.softmax(scores[:, :, :last + 1], dim=-1).mean(1)
-            return out
-        k_pos = torch.arange(tk, device=query.device)  # (Tk,)
-        allowed = k_pos[None, :] <= (pos + (tk - tq))[:, None]  # (B, Tk)
-        scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-    else:
-        m = attention_mask[:, 0]  # (B|1, Tq, Tk): the mask is shared by heads in every model we support
-        m = m[:, p][:, None].expand(b, 1, tk)[:, 0] if b == 1 else m.expand(b, -1, -1)[rows, pos]  # (B, Tk)
-        if m.dtype == torch.bool:
-            scores = scores.masked_fill(~m[:, None, :], float("-inf"))
-        else:
-            scores = scores + m.float()[:, None, :]
-    return torch.softmax(scores, dim=-1).mean(1)  # (B, Tk)
-
-
-def abc_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, plus the ABC row for the captured layers while a capture is active."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cap = _CAPTURE.get()
-    if cap is not None and getattr(module, "layer_idx", None) in cap.layers:
-        cap.rows[int(module.layer_idx)] = attention_row(  # type: ignore[arg-type]
-            query, key, attention_mask, kwargs.get("scaling"), cap.positions)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)  # type: ignore[no-any-return]
-
-
-def register_attention() -> str:
-    """Register ``abc_sdpa`` (attention function + SDPA's mask builder) with transformers; idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(ATTN_NAME, abc_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
-    return ATTN_NAME
-
-
 # --- scoring with rows ----------------------------------------------------------------------------------------------
-def score_batch_with_rows(scorer: Scorer, items: Sequence[EncodedItem], return_hidden: bool,
-                          layers: Sequence[int]) -> list[ItemScore]:
-    """The scorer's plain path (one padded forward, no prefix sharing) with the attention rows captured.
+def score_with_rows(rm: RewardModel, items: Sequence[EncodedItem], padding_side: str, return_hidden: bool,
+                    layers: Sequence[int]) -> list[ItemScore]:
+    """The plain padded forward (no prefix sharing) with the attention rows captured.
 
     Each ItemScore gets ``attention`` (the row over the item's own tokens, (n,) fp32 on CPU), ``reward_index`` (in the
     item's tokens) and ``attention_entropy`` (nats, of the renormalised weights over the response tokens). The
     capture only reads q and k, so the reward is bit-identical to the plain path on the same batch.
     """
-    from rewardkit.core.scoring import ItemScore, pad_batch, reward_indices
-
-    rm = scorer.rm
-    ids, mask, pos = pad_batch(items, rm.pad_token_id, scorer.padding_side, rm.device)
+    ids, mask, pos = pad_batch(items, rm.pad_token_id, padding_side, rm.device)
     idx = reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)  # (B,)
     with capture(layers, idx) as cap:
         out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     rows = cap.mean_row().cpu()  # (B, T)
     hidden = out.last_hidden_state  # (B, T, H)
     h_r = hidden[torch.arange(len(items), device=hidden.device), idx]  # (B, H)
-    raw = rm.head(h_r).squeeze(-1).float()  # (B,)
-    rewards = scorer.normalise(raw)
-    raw_l, rew_l, idx_l = raw.tolist(), rewards.tolist(), idx.tolist()
+    idx_l = idx.tolist()
     width = ids.shape[1]
-    result = []
+    extra = []
     for i, it in enumerate(items):
         n = len(it.input_ids)
-        start = width - n if scorer.padding_side == "left" else 0
+        start = width - n if padding_side == "left" else 0
         row = rows[i, start:start + n].clone()  # (n,)
         r_idx = int(idx_l[i]) - start
         w = response_weights(it, row, r_idx, renormalize=True)[1]
         ent = max(0.0, float(-(w[w > 0] * np.log(w[w > 0])).sum())) if w.size else 0.0
-        result.append(ItemScore(reward=rew_l[i], raw_reward=raw_l[i], num_tokens=n, truncated=it.truncated,
-                                hidden=h_r[i].float().cpu() if return_hidden else None,
-                                attention=row, reward_index=r_idx, attention_entropy=ent))
-    return result
+        extra.append({"attention": row, "reward_index": r_idx, "attention_entropy": ent})
+    return scores_from_hidden(rm, items, h_r, return_hidden, extra)
 
 
 # --- from the row to the dense reward -------------------------------------------------------------------------------

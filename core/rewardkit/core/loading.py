@@ -126,7 +126,7 @@ def _load_hf(source: str, gguf_file: str | None, dtype: torch.dtype, trust_remot
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if attn_implementation == "abc_sdpa":
-        from rewardkit.core.abc import register_attention
+        from rewardkit.core.attention import register_attention
 
         register_attention()
     if gguf_file:

@@ -1,7 +1,7 @@
 """Shared-prefix scoring: items of a batch that start with the same token ids (GRPO/RLOO groups: K completions of
 one prompt) run that prefix once and score each completion against its key/value cache.
 
-How a batch is scored (``score_with_shared_prefixes``, called at the top of ``Scorer.score_batch``):
+How a batch is scored (``Scorer`` in ``scoring.py`` drives it; this module holds the groups and the cache runs):
 
 1. ``find_prefix_groups`` sorts the items by token ids and picks groups of >= 2 neighbours whose common prefix is at
    least ``min_prefix`` tokens, maximising the tokens saved, sum over groups of (G - 1) * P (dynamic programme over
@@ -9,7 +9,7 @@ How a batch is scored (``score_with_shared_prefixes``, called at the top of ``Sc
 2. Per group: one unpadded forward of the prefix (1, P) with ``use_cache=True`` (a ``DynamicCache``); the cache is
    expanded over the completions that need it (``batch_repeat_interleave``); the completions run right-padded in one
    batch (n, C) with a 2-D attention mask over prefix + completion (n, P + C) and position ids P .. P + C - 1.
-3. The reward token follows ``scoring.reward_indices`` on the item's full ids (the transformers rule skips trailing
+3. The reward token follows ``forward.reward_indices`` on the item's full ids (the transformers rule skips trailing
    pad ids, so an item whose completion is empty or only pad ids is read from the prefix's hidden states).
    Completions are cut right after their reward token (later tokens cannot change it in a causal model).
 4. Items in no group are scored by ``Scorer.score_batch`` (the plain path) on the rest of the batch.
@@ -34,15 +34,13 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from rewardkit.core.formatting import EncodedItem
+from rewardkit.core.forward import pad_batch, reward_indices
 from rewardkit.core.loading import RewardModel
-
-if TYPE_CHECKING:
-    from rewardkit.core.scoring import ItemScore, Scorer
 
 # transformers renamed a forward's `past_key_values` to `cache` (and warns on every use of the old name); pass and read
 # the name the installed version wants, so the first requests print no deprecation noise.
@@ -161,18 +159,6 @@ def find_prefix_groups(seqs: Sequence[Sequence[int]], min_prefix: int = DEFAULT_
     return groups
 
 
-def reward_index(ids: Sequence[int], pad_token_id: int, rule: str) -> int:
-    """Where the reward is read in one unpadded item: same rule as ``scoring.reward_indices`` (0 if all pad)."""
-    if rule == "last_attended":
-        return len(ids) - 1
-    if rule == "transformers":
-        for k in range(len(ids) - 1, -1, -1):
-            if ids[k] != pad_token_id:
-                return k
-        return 0
-    raise ValueError(f"unknown reward_token_rule {rule!r}")
-
-
 class PrefixSharer:
     """Holds the support decision (per model), the counters and the knobs of one scorer's prefix path."""
 
@@ -214,8 +200,8 @@ class PrefixSharer:
         """Hidden states at each member's reward token, (G, H), in ``group.indices`` order."""
         p = group.prefix_len
         members = [items[i] for i in group.indices]
-        rule, pad = rm.meta.reward_token_rule, rm.pad_token_id
-        ridx = [reward_index(m.input_ids, pad, rule) for m in members]
+        ids, mask, _ = pad_batch(members, rm.pad_token_id, "right", torch.device("cpu"))  # right-padded: indices
+        ridx = reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule).tolist()  # as if unpadded
         dev = rm.device
         prefix_ids = torch.tensor([members[0].input_ids[:p]], dtype=torch.long, device=dev)  # (1, P)
         out = rm.body(input_ids=prefix_ids, position_ids=torch.arange(p, device=dev)[None], use_cache=True)
@@ -342,69 +328,6 @@ def probe_support(rm: RewardModel, prefix_len: int = 12, suffix_len: int = 5) ->
     if err > tol:
         return False, f"probe mismatch {err:.2e} > {tol:g}"
     return True, "ok"
-
-
-def score_with_shared_prefixes(scorer: Scorer, items: Sequence[EncodedItem],
-                               return_hidden: bool = False) -> list[ItemScore] | None:
-    """Score a batch with prefix reuse; None when nothing in it is worth sharing (the caller runs the plain path).
-
-    Items in no group are scored by ``scorer.score_batch`` (which may find smaller groups among them, then falls
-    through to the plain path), so every item gets exactly the plain path's reward rule, head and normalisation.
-    """
-    from rewardkit.core.scoring import ItemScore
-
-    sharer: PrefixSharer = scorer.prefix
-    if len(items) < 2:
-        return None
-    groups = find_prefix_groups([it.input_ids for it in items], sharer.min_prefix, min_fraction=sharer.min_fraction)
-    if not groups:
-        return None
-    rm = scorer.rm
-    if not sharer.supported(rm):
-        sharer.stats.fallbacks += 1
-        return None
-    out: list[ItemScore | None] = [None] * len(items)
-    grouped: set[int] = set()
-    sharer.stats.batches += 1
-    for g in groups:
-        h_r = sharer.group_hidden(rm, items, g)  # (G, H)
-        raw = rm.head(h_r).squeeze(-1).float()  # (G,)
-        rewards = scorer.normalise(raw)
-        raw_l, rew_l = raw.tolist(), rewards.tolist()
-        for row, i in enumerate(g.indices):
-            it = items[i]
-            out[i] = ItemScore(reward=rew_l[row], raw_reward=raw_l[row], num_tokens=len(it.input_ids),
-                               truncated=it.truncated, hidden=h_r[row].float().cpu() if return_hidden else None)
-            grouped.add(i)
-        sharer.stats.groups += 1
-        sharer.stats.items_shared += len(g.indices)
-        sharer.stats.prefix_tokens_saved += g.saved_tokens
-        sharer.stats.tokens_total += sum(len(items[i].input_ids) for i in g.indices)
-    rest = [i for i in range(len(items)) if i not in grouped]
-    if rest:
-        for i, s in zip(rest, scorer.score_batch([items[i] for i in rest], return_hidden=return_hidden), strict=True):
-            out[i] = s
-    assert all(s is not None for s in out)
-    return out  # type: ignore[return-value]
-
-
-def score_unpadded(scorer: Scorer, items: Sequence[EncodedItem], return_hidden: bool = False) -> list[ItemScore]:
-    """Padding-free scoring (CPU): each prefix group as one ``score_batch`` call (shared prefix), every other item
-    alone (an unpadded forward keeps SDPA's causal kernel). Results in the order of ``items``.
-    """
-    groups = find_prefix_groups([it.input_ids for it in items], scorer.prefix.min_prefix,
-                                min_fraction=scorer.prefix.min_fraction) if scorer.prefix_sharing and len(items) > 1 else []
-    if groups and not scorer.prefix.supported(scorer.rm):
-        groups = []
-    parts = [list(g.indices) for g in groups]
-    grouped = {i for g in groups for i in g.indices}
-    parts += [[i] for i in range(len(items)) if i not in grouped]
-    out: list[ItemScore | None] = [None] * len(items)
-    for part in parts:
-        for i, s in zip(part, scorer.score_batch([items[i] for i in part], return_hidden=return_hidden), strict=True):
-            out[i] = s
-    assert all(s is not None for s in out)
-    return out  # type: ignore[return-value]
 
 
 def prefix_key(item: EncodedItem, min_prefix: int = DEFAULT_MIN_PREFIX) -> int | None:

@@ -11,12 +11,19 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from rewardkit.server.errors import NotReady, Unauthorized
 from rewardkit.server.settings import Settings
+
+if TYPE_CHECKING:  # the state holds them; they do not import this module's state at run time
+    from rewardkit.server.metrics import Metrics
+    from rewardkit.server.r2m.serving import R2MService
+    from rewardkit.server.service import RewardService
+    from rewardkit.server.state import RedisState
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +33,22 @@ class AppState:
     """Everything the app owns, hung on ``app.state.rk`` (no module-level state)."""
 
     settings: Settings
-    service: Any = None  # RewardService once the model is loaded
+    service: RewardService | None = None  # once the model is loaded
     shutting_down: bool = False
     load_error: str | None = None
-    on_fatal: Any = None  # set by `rewardkit serve`: stops the process when the model cannot load
-    metrics: Any = None
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    on_fatal: Callable[[], None] | None = None  # set by `rewardkit serve`: stops the process when the model cannot load
+    metrics: Metrics | None = None
+    redis: RedisState | None = None  # with settings.redis_url (rewardkit.server.ops.redis)
+    head_swaps: int = 0  # scalar heads installed from another replica through Redis
+    r2m: R2MService | None = None  # rewardkit.server.r2m.wiring, when R2M is enabled and set up
+    r2m_error: str | None = None  # why R2M is unavailable (its routes answer 503 with it)
 
 
 def app_state(request: Request) -> AppState:
     return request.app.state.rk  # type: ignore[no-any-return]
 
 
-def check_service(request: Request) -> Any:
+def check_service(request: Request) -> RewardService:
     """The service, or NotReady (503) while the model loads or the server shuts down."""
     st = app_state(request)
     if st.shutting_down:
@@ -73,7 +83,7 @@ def check_api_key(request: Request) -> None:
         raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
 
 
-async def get_service(request: Request) -> Any:
+async def get_service(request: Request) -> RewardService:
     return check_service(request)
 
 

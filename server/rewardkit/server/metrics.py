@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,6 +31,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from rewardkit.server.drift import DriftSnapshot
 
 __all__ = ["Metrics", "REWARD_BUCKETS", "metric_names"]
 
@@ -45,22 +48,6 @@ REWARD_BUCKETS = (
 """Rewards of common reward models live in about [-10, 10]; finer near 0 where most mass is."""
 ENTROPY_BUCKETS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)
 """Attention-row entropy in nats; ln(2048) = 7.6 is a uniform row over 2048 tokens."""
-
-
-class _DriftLike(Protocol):
-    """What `update_drift` reads (rewardkit.server.drift.DriftSnapshot has these fields)."""
-
-    psi: float | None
-    ks: float | None
-    mean_shift: float | None
-    std_ratio: float | None
-    reward_length_corr: float | None
-    collapsed_group_share: float | None
-    n_current: int
-    n_reference: int
-    reference_pinned: bool
-    mean_current: float | None
-    std_current: float | None
 
 
 class _BatchStatsLike(Protocol):
@@ -351,7 +338,7 @@ class Metrics:
 
     # -- drift and caches ------------------------------------------------------------------
 
-    def update_drift(self, model: str, snapshot: _DriftLike) -> None:
+    def update_drift(self, model: str, snapshot: DriftSnapshot) -> None:
         """Copy a `DriftSnapshot` into the drift gauges; undefined statistics become NaN."""
         pairs = [
             (self.drift_psi, snapshot.psi),

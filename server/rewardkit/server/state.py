@@ -37,7 +37,7 @@ Head publication API (stable; the R2M updater uses it)::
   model seen so far is compared with what was last delivered, so an update published while this replica was
   disconnected still arrives, once.
 - A callback that raises is logged and does not stop the others.
-- In the server, the connected instance is ``app.state.rk.extras["redis"]`` (absent without ``redis_url``). The app
+- In the server, the connected instance is ``app.state.rk.redis`` (absent without ``redis_url``). The app
   registers one callback, ``RewardService.swap_scalar_head``, which installs safetensors holding ``weight`` (and
   ``bias``) of the scalar head's shape and ignores anything else; an R2M head format needs its own
   ``subscribe(callback)`` that installs it (and should return early for versions it already serves).

@@ -11,14 +11,9 @@ import pytest
 import torch
 
 from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
+from rewardkit.core.forward import reward_index
 from rewardkit.core.loading import RewardModel, load_reward_model
-from rewardkit.core.prefix import (
-    PrefixGroup,
-    find_prefix_groups,
-    probe_support,
-    reward_index,
-    score_with_shared_prefixes,
-)
+from rewardkit.core.prefix import PrefixGroup, find_prefix_groups, probe_support
 from rewardkit.core.scoring import Scorer, reference_score
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -193,7 +188,7 @@ def test_groups_of_one_only_take_the_plain_path(tiny_llama_dir: Path) -> None:
     fmt = Formatter(rm.tokenizer, max_length=256)
     items = [fmt.encode(ScoreItem(prompt=p, response="ok")) for p in ("hi", "What is 2+2?", PROMPT)]
     scorer = Scorer(rm)
-    assert score_with_shared_prefixes(scorer, items) is None  # nothing worth sharing: caller runs the plain path
+    assert scorer.score_shared(items) is None  # nothing worth sharing: caller runs the plain path
     got = [s.reward for s in scorer.score_batch(items)]
     _, ref = plain_and_reference(rm, items, "right")
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=ATOL, rtol=RTOL)
@@ -251,18 +246,16 @@ def test_padding_cap_splits_completion_chunks(max_padding: float, tiny_llama_dir
 
 
 def test_score_unpadded_groups_and_singles(tiny_gpt2_dir: Path) -> None:
-    from rewardkit.core.prefix import score_unpadded
-
     rm = load_reward_model(tiny_gpt2_dir)
     items = grpo_items(rm)
     scorer = Scorer(rm)
-    got = score_unpadded(scorer, items, return_hidden=True)
+    got = scorer.score_unpadded(items, return_hidden=True)
     _, ref = plain_and_reference(rm, items, "right")
     torch.testing.assert_close(torch.tensor([s.reward for s in got]), torch.tensor(ref), atol=ATOL, rtol=RTOL)
     assert all(s.hidden is not None for s in got)
     assert scorer.prefix.stats.groups >= 3
     off = Scorer(rm, prefix_sharing=False)
-    got_off = [s.reward for s in score_unpadded(off, items)]
+    got_off = [s.reward for s in off.score_unpadded(items)]
     torch.testing.assert_close(torch.tensor(got_off), torch.tensor(ref), atol=ATOL, rtol=RTOL)
     assert off.prefix.stats.groups == 0
 

@@ -12,9 +12,11 @@ from rewardkit.core.formatting import Formatter, ScoreItem
 from rewardkit.core.loading import load_reward_model
 from rewardkit.core.scoring import reference_score
 from rewardkit.server.app import create_app
-from rewardkit.server.compat import ClassifyResponse, GetRewardResponse, PoolingResponse
-from rewardkit.server.protocol import ErrorResponse, ModelList, RewardResponse
+from rewardkit.server.native.protocol import ModelList, RewardResponse
+from rewardkit.server.openrlhf.protocol import GetRewardResponse
+from rewardkit.server.protocol import ErrorResponse
 from rewardkit.server.settings import Settings
+from rewardkit.server.vllm.protocol import ClassifyResponse, PoolingResponse
 
 
 @pytest.fixture(scope="module")

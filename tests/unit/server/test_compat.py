@@ -14,9 +14,10 @@ from rewardkit.core.formatting import Formatter, ScoreItem
 from rewardkit.core.loading import load_reward_model
 from rewardkit.core.scoring import reference_score
 from rewardkit.server.app import create_app
-from rewardkit.server.compat import ClassifyResponse, EmbeddingsResponse, GetRewardResponse, PoolingResponse
+from rewardkit.server.openrlhf.protocol import GetRewardResponse
 from rewardkit.server.protocol import ErrorResponse
 from rewardkit.server.settings import Settings
+from rewardkit.server.vllm.protocol import ClassifyResponse, EmbeddingsResponse, PoolingResponse
 
 TEXT = "<|im_start|>user\nWhat is 7*8?<|im_end|>\n<|im_start|>assistant\n7 * 8 = 56.<|im_end|>\n"
 

@@ -15,9 +15,10 @@ from rewardkit.core.formatting import Formatter, ScoreItem
 from rewardkit.core.loading import load_reward_model
 from rewardkit.core.scoring import Scorer
 from rewardkit.server.app import create_app
-from rewardkit.server.compat import PoolingResponse
-from rewardkit.server.protocol import ErrorResponse, RewardResponse
+from rewardkit.server.native.protocol import RewardResponse
+from rewardkit.server.protocol import ErrorResponse
 from rewardkit.server.settings import Settings
+from rewardkit.server.vllm.protocol import PoolingResponse
 
 RESPONSE = "Hello, how are you? Ünï 🙂"
 

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rewardkit.core.loading import RewardModel, load_reward_model
 from rewardkit.server.app import create_app
-from rewardkit.server.monitoring import DriftActionResponse, DriftResponse
+from rewardkit.server.ops.protocol import DriftActionResponse, DriftResponse
 from rewardkit.server.protocol import ErrorResponse
 from rewardkit.server.settings import Settings
 

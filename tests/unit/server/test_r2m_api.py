@@ -187,7 +187,7 @@ def test_streams_are_exempt_from_max_body_bytes_but_bounded_by_their_own_limit(c
     assert r.status_code == 200 and FeedbackResponse.model_validate(r.json()).accepted_frames == 4
     assert client.post("/v1/rewards", content=b"{" + b" " * 60_000 + b"}",
                        headers={"content-type": "application/json"}).status_code == 413  # others still limited
-    r2m = client.app.state.rk.extras["r2m"]  # type: ignore[attr-defined]
+    r2m = client.app.state.rk.r2m  # type: ignore[attr-defined]
     old = r2m.settings.r2m_max_stream_bytes
     r2m.settings.r2m_max_stream_bytes = 10_000
     try:
@@ -217,7 +217,7 @@ def test_rewards_stream_is_refused_as_soon_as_the_frame_limit_is_passed(tiny_lla
     from rewardkit.server.errors import PayloadTooLarge
 
     with TestClient(create_app(settings, rm=rm)) as c:  # the service itself: TestClient would buffer the body
-        r2m = c.app.state.rk.extras["r2m"]  # type: ignore[attr-defined]
+        r2m = c.app.state.rk.r2m  # type: ignore[attr-defined]
 
         async def call() -> Exception | None:
             try:

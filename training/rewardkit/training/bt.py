@@ -40,9 +40,9 @@ from torch import nn
 
 from rewardkit.core import checkpoint as ckpt
 from rewardkit.core.formatting import Formatter
+from rewardkit.core.forward import pad_batch, reward_indices
 from rewardkit.core.loading import EMBEDDED_SMOLLM2, RewardModel, load_reward_model
 from rewardkit.core.losses import bt_loss, pair_stats
-from rewardkit.core.scoring import pad_batch, reward_indices
 from rewardkit.training.config import BTConfig, resolve_split
 from rewardkit.training.data import PreferencePair, load_preferences
 from rewardkit.training.features import EncodedPair, encode_pairs, extract_features, pair_batches

@@ -55,9 +55,9 @@ from torch import nn
 from rewardkit.core import checkpoint as ckpt
 from rewardkit.core.abc import capture
 from rewardkit.core.formatting import EncodedItem, Formatter
+from rewardkit.core.forward import pad_batch, reward_indices
 from rewardkit.core.loading import RewardModel, load_reward_model
 from rewardkit.core.losses import bt_loss, pair_stats
-from rewardkit.core.scoring import pad_batch, reward_indices
 from rewardkit.training.bt import (
     LOG_FILE,
     RESULT_FILE,

@@ -1,9 +1,12 @@
-"""RewardService: validates items against the limits, formats them, queues them on the scheduler, and builds
-responses. The HTTP routes are thin wrappers around it."""
+"""RewardService: the engine every endpoint family calls. It validates items against the limits, formats them, queues
+them on the scheduler, serves from the Redis score cache, feeds the drift monitor, and swaps published heads. What a
+family answers (its response models) is built in that family's ``serving.py``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import itertools
 import logging
@@ -12,18 +15,19 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from rewardkit.core.abc import (
     AbcOptions,
     DenseResult,
     dense_rewards,
-    project_to_spans,
     resolve_layers,
     validate_spans,
 )
 from rewardkit.core.errors import InputError
 from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
 from rewardkit.core.loading import RewardModel
-from rewardkit.core.prefix import prefix_key, score_unpadded
+from rewardkit.core.prefix import prefix_key
 from rewardkit.core.scoring import ItemScore, Scorer
 from rewardkit.server.drift import DriftMonitor
 from rewardkit.server.errors import BadRequest, NotReady, Overloaded, PayloadTooLarge
@@ -59,8 +63,9 @@ class RewardService:
         self.abc_options = AbcOptions(layer=settings.abc_layer, num_layers=settings.abc_num_layers,
                                       renormalize=settings.abc_renormalize)
         self.formatter = Formatter(rm.tokenizer, max_length=settings.max_length, truncate=settings.truncate)
-        self.scorer = Scorer(rm, padding_side=settings.padding_side, prefix_sharing=settings.prefix_sharing)
         self.padding_free = settings.padding_free == "on" or (settings.padding_free == "auto" and rm.device.type == "cpu")
+        self.scorer = Scorer(rm, padding_side=settings.padding_side, prefix_sharing=settings.prefix_sharing,
+                             padding_free=self.padding_free)
         self.scheduler: Scheduler[ModelJob, ItemScore] = Scheduler(
             self._run_batch, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0, max_queue_items=settings.max_queue_items,
@@ -78,25 +83,15 @@ class RewardService:
 
     # -- model worker side (runs on the scheduler's thread) --------------------------------------------------
     def _run_batch(self, jobs: list[ModelJob]) -> list[ItemScore]:
-        hidden = any(j.want_hidden for j in jobs)
-        # -- ABC dense jobs (rewardkit.core.abc): scored apart, on the plain path with the attention row captured --
-        if any(j.dense for j in jobs):
-            return self._run_batch_dense(jobs)
-        # -- end ABC --
-        # -- prefix sharing (rewardkit.core.prefix): items sharing a prompt run it once; counters to metrics --
+        """One scheduler batch: the Scorer picks the path (dense rows, padding-free, prefix-shared, plain)."""
+        dense = [j.dense for j in jobs]
         before = self.scorer.prefix.stats.snapshot()
-        if self.padding_free:
-            # CPU: a padded batch needs an explicit attention mask, which sends SDPA down its slow masked path
-            # (measured: batch 4 is ~25-35% slower per token than single items). One unpadded forward per item
-            # keeps the causal kernel; items sharing a prefix run as one group each (prefix once, then completions).
-            out = score_unpadded(self.scorer, [j.enc for j in jobs], return_hidden=hidden)
-        else:
-            out = self.scorer.score_batch([j.enc for j in jobs], return_hidden=hidden)
+        out = self.scorer.score([j.enc for j in jobs], return_hidden=any(j.want_hidden for j in jobs), dense=dense,
+                                abc_layers=resolve_layers(self.rm, self.abc_options) if any(dense) else None)
         after = self.scorer.prefix.stats
         if self.metrics is not None and after.items_shared > before.items_shared:
             self.metrics.observe_prefix_cache(after.items_shared - before.items_shared,
                                               after.prefix_tokens_saved - before.prefix_tokens_saved)
-        # -- end prefix sharing --
         return out
 
     def _on_batch(self, stats: Any) -> None:
@@ -249,27 +244,7 @@ class RewardService:
     # Layer choice and renormalisation are per server (they decide what the worker captures); beta is per request.
     abc_options: AbcOptions = AbcOptions()
 
-    def _run_batch_dense(self, jobs: list[ModelJob]) -> list[ItemScore]:
-        """Dense jobs go through the plain path with the attention rows captured (never prefix sharing); the others
-        through the normal path. Results come back in the jobs' order."""
-        layers = resolve_layers(self.rm, self.abc_options)
-        hidden = any(j.want_hidden for j in jobs)
-        dense_i = [i for i, j in enumerate(jobs) if j.dense]
-        other_i = [i for i, j in enumerate(jobs) if not j.dense]
-        out: list[ItemScore | None] = [None] * len(jobs)
-        if other_i:
-            for i, s in zip(other_i, self._run_batch([jobs[i] for i in other_i]), strict=True):
-                out[i] = s
-        encs = [jobs[i].enc for i in dense_i]
-        if self.padding_free:  # one unpadded forward per item (see _run_batch)
-            dense = [s for e in encs for s in self.scorer.score_batch([e], return_hidden=hidden, abc_layers=layers)]
-        else:
-            dense = self.scorer.score_batch(encs, return_hidden=hidden, abc_layers=layers)
-        for i, s in zip(dense_i, dense, strict=True):
-            out[i] = s
-        return [s for s in out if s is not None]
-
-    async def _dense(self, items: Sequence[ScoreItem], beta: float, truncate: bool | None, field: str,
+    async def dense(self, items: Sequence[ScoreItem], beta: float, truncate: bool | None, field: str,
                      caller_spans: Sequence[Sequence[Sequence[int]] | None] | None = None
                      ) -> list[tuple[EncodedItem, ItemScore, DenseResult, list[tuple[int, int]] | None]]:
         """Encode, validate caller spans (before any model work), score with rows, build the dense vectors."""
@@ -291,35 +266,6 @@ class RewardService:
         self.observe_drift(encs, scores)
         return [(e, s, dense_rewards(e, s, opts), sp) for e, s, sp in zip(encs, scores, spans, strict=True)]
 
-    async def score_dense(self, req: Any, items: Sequence[ScoreItem]) -> list[Any]:
-        """ABC dense rewards for ``POST /v1/rewards`` with ``dense: true`` (see rewardkit.core.abc and docs/abc.md).
-
-        Per item: the scalar reward and the vector over the RM's response tokens (their text and character spans in
-        the response), or, with ``response_token_spans``, the vector projected onto the caller's spans.
-        """
-        from rewardkit.server.protocol import DenseReward, ItemResult
-        from rewardkit.server.routes import encode_vector
-
-        done = await self._dense(items, req.beta, req.truncate, "items",
-                                 [it.response_token_spans for it in req.items])
-        results = []
-        for i, (_enc, s, d, sp) in enumerate(done):
-            if sp is None:
-                dense = DenseReward(token_rewards=encode_vector(d.token_rewards, req.encoding_format), tokens=d.tokens,
-                                    spans=d.spans, beta=d.beta)
-            else:
-                dense = DenseReward(token_rewards=encode_vector(project_to_spans(d, sp), req.encoding_format),
-                                    tokens=None, spans=sp, beta=d.beta)
-            results.append(ItemResult(index=i, reward=s.reward, num_tokens=s.num_tokens, truncated=s.truncated,
-                                      dense=dense))
-        return results
-
-    async def pooling_token_classify(self, items: Sequence[ScoreItem], beta: float) -> tuple[list[Any], int]:
-        """vLLM ``token_classify``: per item, ``[[r_t], ...]`` over the response tokens (the whole text for ``input``
-        items), the same vector as ``/v1/rewards`` dense. Returns (data, total tokens)."""
-        done = await self._dense(items, beta, None, "input")
-        data = [[[float(x)] for x in d.token_rewards.astype("<f4")] for _, _, d, _ in done]
-        return data, sum(s.num_tokens for _, s, _, _ in done)
     # -- end ABC ------------------------------------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
@@ -371,3 +317,10 @@ def set_score_headers(response: Any, service: RewardService) -> None:
     trainer can log which R2M head produced a batch without parsing the body."""
     response.headers["x-rewardkit-model"] = service.rm.model_id
     response.headers["x-rewardkit-head-version"] = service.head_version
+
+
+def encode_vector(values: np.ndarray, encoding_format: str) -> str | list[float]:
+    arr = np.asarray(values, dtype="<f4")
+    if encoding_format == "float":
+        return [float(x) for x in arr]
+    return base64.b64encode(arr.tobytes()).decode("ascii")

@@ -23,11 +23,20 @@ import torch
 
 from rewardkit.core.errors import InputError
 from rewardkit.core.formatting import ScoreItem
+from rewardkit.core.forward import normalise
 from rewardkit.core.r2m import mix_weight
 from rewardkit.core.wire import Frame, FrameDecoder, FrameError, reduce_positions
-from rewardkit.server.errors import BadRequest, NotReady, Overloaded, PayloadTooLarge
+from rewardkit.server.errors import BadRequest, NotFound, NotReady, Overloaded, PayloadTooLarge
 from rewardkit.server.r2m.feedback import FeedbackSample, MemoryFeedbackQueue, RedisFeedbackQueue
-from rewardkit.server.r2m.protocol import FeedbackResponse, R2MRewardResponse, R2MRewardResult
+from rewardkit.server.r2m.protocol import (
+    FeedbackResponse,
+    HeadInfo,
+    HeadList,
+    R2MRewardResponse,
+    R2MRewardResult,
+    R2MStatus,
+)
+from rewardkit.server.r2m.store import parse_version
 from rewardkit.server.r2m.updater import ActiveHead, R2MUpdater, collate, new_flush_id
 from rewardkit.server.settings import Settings
 from rewardkit.server.state import cache_key
@@ -348,13 +357,12 @@ class R2MService:
             raise BadRequest(f"frame {f.frame_index}: the R2M head's reward is not finite for these hidden states "
                              f"(largest |value| {float(np.abs(f.array).max()):.3g}); send the policy's last-layer "
                              "states as they are, not scaled", f"frames[{f.frame_index}]")
-        meta = self.svc.rm.meta
         results = []
         for i, f in enumerate(frames):
             cfg = active.head.cfg
             w = mix_weight(f.round, cfg.total_rounds, cfg.omega)
             results.append(R2MRewardResult(frame=f.frame_index, group_id=f.group_id, index=f.index,
-                                           reward=(raw[i] - meta.norm_mean) / meta.norm_std, rm_reward=rm_rewards[i], w=w,
+                                           reward=float(normalise(self.svc.rm, raw[i])), rm_reward=rm_rewards[i], w=w,
                                            item_key=keys[i]))
         return R2MRewardResponse(model=self.model_id, head_version=active.version,
                                  rewards=[r.reward for r in results], results=results)
@@ -383,3 +391,34 @@ def _name_frame(exc: Exception, frame_index: int) -> Exception:
     msg = getattr(exc, "message", str(exc))
     field = getattr(exc, "field", None)
     return FrameError(msg, frame_index, field)
+
+
+# -- what the head routes answer ----------------------------------------------------------------------------
+
+def head_list(r2m: R2MService) -> HeadList:
+    active = r2m.updater.active.version
+    heads = [HeadInfo(version=h.version, round=h.round, created_at=h.created_at, groups=len(h.applied),
+                      parent=h.parent, loss=h.loss, active=h.version == active) for h in r2m.updater.store.stored()]
+    return HeadList(model=r2m.model_id, active=active, heads=heads)
+
+
+async def activate(r2m: R2MService, version: str) -> HeadList:
+    """Make a stored version the active head (rollback). Unknown version: 404."""
+    if parse_version(version) is None:
+        raise NotFound(f"unknown head version {version!r} (versions look like 'r2m-000003')", "version")
+    try:
+        await asyncio.to_thread(r2m.updater.activate, version)
+    except KeyError:
+        raise NotFound(f"unknown head version {version!r}; GET /v1/r2m/heads lists them", "version") from None
+    except OSError as exc:  # the record could not be written: nothing changed (the served head included)
+        raise NotReady(f"rollback not recorded ({type(exc).__name__}: {exc}); the active head is unchanged",
+                       retry_after=5.0) from exc
+    return await asyncio.to_thread(head_list, r2m)
+
+
+def status(r2m: R2MService) -> R2MStatus:
+    u = r2m.updater
+    return R2MStatus(model=r2m.model_id, active=u.active.version, queue=r2m.queue.kind, updater_running=u.running,
+                     pending_groups=u.pending_groups(), pending_frames=u.pending_frames(),
+                     updates_applied=u.updates_applied, groups_applied=u.groups_applied,
+                     groups_rejected=u.groups_rejected, last_error=u.last_error)

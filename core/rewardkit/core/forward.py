@@ -1,0 +1,101 @@
+"""One forward of a reward model, and the one rule from hidden states to scores: padding, where the reward is read,
+head, normalisation. Every scoring path (plain, prefix-shared, ABC with attention rows, R2M's H_last) ends in
+:func:`scores_from_hidden`, so the head -> normalise -> ItemScore block exists once.
+
+Layering: ``loading`` and ``attention`` below; ``prefix`` and ``abc`` build on this module; ``scoring.Scorer`` on top
+chooses the path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rewardkit.core.formatting import EncodedItem
+from rewardkit.core.loading import RewardModel
+
+__all__ = ["ItemScore", "normalise", "pad_batch", "plain_forward", "reward_index", "reward_indices", "scores_from_hidden"]
+
+
+@dataclasses.dataclass
+class ItemScore:
+    """Result for one item. ``hidden`` is the last-layer hidden state at the reward token (for R2M), when asked."""
+
+    reward: float
+    num_tokens: int
+    truncated: bool
+    raw_reward: float
+    hidden: torch.Tensor | None = None
+    # -- ABC (rewardkit.core.abc), set only when scored with abc_layers: the head-mean attention row of the reward
+    # token over the item's own tokens (n,) fp32 CPU, the reward token's index, entropy (nats) of the response weights
+    attention: torch.Tensor | None = None
+    reward_index: int | None = None
+    attention_entropy: float | None = None
+
+
+def reward_indices(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, rule: str) -> torch.Tensor:
+    """Index of the token where the reward is read, per row. (B, T) -> (B,).
+
+    ``transformers``: rightmost token whose id is not pad_token_id (as ``*ForSequenceClassification``), which skips a
+    trailing eos when pad == eos. ``last_attended``: rightmost position with attention_mask 1 (OpenRLHF).
+    """
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    if rule == "transformers":
+        keep = (input_ids != pad_token_id) & attention_mask.bool()  # (B, T)
+    elif rule == "last_attended":
+        keep = attention_mask.bool()
+    else:
+        raise ValueError(f"unknown reward_token_rule {rule!r}")
+    return (positions * keep).argmax(-1)  # (B,)
+
+
+def reward_index(ids: Sequence[int], pad_token_id: int, rule: str) -> int:
+    """Where the reward is read in one unpadded item: :func:`reward_indices` for a single row (0 if all pad)."""
+    t = torch.tensor([list(ids)], dtype=torch.long)
+    return int(reward_indices(t, torch.ones_like(t), pad_token_id, rule)[0])
+
+
+def pad_batch(items: Sequence[EncodedItem], pad_token_id: int, padding_side: str, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad to the longest item. Returns input_ids, attention_mask, position_ids, each (B, T).
+
+    Position ids count attended tokens only, so left padding does not shift absolute positions (GPT-2 style models).
+    """
+    width = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it.input_ids)
+        sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        ids[row, sl] = torch.tensor(it.input_ids, dtype=torch.long)
+        mask[row, sl] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def plain_forward(rm: RewardModel, items: Sequence[EncodedItem], padding_side: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One padded forward of the body. Returns (last hidden states (B, T, H), reward indices (B,))."""
+    ids, mask, pos = pad_batch(items, rm.pad_token_id, padding_side, rm.device)
+    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    return out.last_hidden_state, reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)
+
+
+def normalise(rm: RewardModel, raw: Any) -> Any:
+    """The checkpoint's reward normalisation, ``(raw - norm_mean) / norm_std`` (a tensor, an array or a float)."""
+    return (raw - rm.meta.norm_mean) / rm.meta.norm_std
+
+
+def scores_from_hidden(rm: RewardModel, items: Sequence[EncodedItem], h_r: torch.Tensor, return_hidden: bool,
+                       extra: Sequence[dict[str, Any]] | None = None) -> list[ItemScore]:
+    """The reward-token states (B, H) of ``items`` -> head -> normalisation -> one ItemScore each, in order.
+    ``extra``: per-item ItemScore fields (ABC's attention row, reward index, entropy)."""
+    raw = rm.head(h_r).squeeze(-1).float()  # (B,)
+    rewards = normalise(rm, raw)
+    raw_l, rew_l = raw.tolist(), rewards.tolist()
+    return [ItemScore(reward=rew_l[i], raw_reward=raw_l[i], num_tokens=len(it.input_ids), truncated=it.truncated,
+                      hidden=h_r[i].float().cpu() if return_hidden else None, **(extra[i] if extra else {}))
+            for i, it in enumerate(items)]

@@ -1,0 +1,1 @@
+"""The native API: ``POST /v1/rewards`` (scalar and ABC dense), ``GET /v1/models``, ``/health``, ``/ready``."""

@@ -1,0 +1,89 @@
+"""Request and response models of the native API (``/v1/rewards``, ``/v1/models``). Size limits that are settings are
+checked in ``rewardkit.server.service``; the schema carries the structural rules.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rewardkit.server.protocol import ChatMessage, Usage, count_validator
+
+
+class RewardItem(BaseModel):
+    """One item: ``prompt`` + ``response``, or ``messages`` (last one = assistant response), or pre-formatted ``text``."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    response: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    text: str | None = None
+    response_token_spans: list[tuple[int, int]] | None = Field(
+        None, description="character spans of the caller's policy tokens in the response (dense projection)")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardItem:
+        kinds = [self.prompt is not None or self.response is not None, self.messages is not None, self.text is not None]
+        if sum(kinds) != 1:
+            raise ValueError("give exactly one of: prompt+response, messages, text")
+        if kinds[0] and (self.prompt is None or self.response is None):
+            raise ValueError("prompt and response must both be given")
+        if self.text is not None and self.text == "":
+            raise ValueError("text must not be empty")
+        return self
+
+
+class RewardRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    items: list[RewardItem] = Field(..., min_length=1)
+    dense: bool = False
+
+    _count = count_validator("items")
+    beta: float = Field(0.8, ge=0.0, le=1.0, description="ABC: share of the reward spread by attention")
+    encoding_format: Literal["base64", "float"] = "base64"
+    truncate: bool | None = Field(None, description="override the server's truncation setting for this request")
+
+
+class DenseReward(BaseModel):
+    token_rewards: str | list[float]
+    dtype: Literal["float32"] = "float32"
+    tokens: list[str] | None = None
+    spans: list[tuple[int, int]]
+    beta: float
+
+
+class ItemResult(BaseModel):
+    index: int
+    reward: float
+    num_tokens: int
+    truncated: bool
+    dense: DenseReward | None = None
+
+
+class RewardResponse(BaseModel):
+    model: str
+    head_version: str
+    rewards: list[float]
+    results: list[ItemResult]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    head_version: str
+    trained: bool
+    description: str
+    max_length: int
+    dtype: str
+    device: str
+    reward_token_rule: str
+    norm_mean: float
+    norm_std: float
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

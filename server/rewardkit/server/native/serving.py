@@ -1,0 +1,69 @@
+"""The native API's work: scalar and ABC dense results for ``/v1/rewards``, the model card for ``/v1/models``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastapi import Response
+
+from rewardkit.core.abc import project_to_spans
+from rewardkit.core.formatting import ScoreItem
+from rewardkit.server.native.protocol import (
+    DenseReward,
+    ItemResult,
+    ModelCard,
+    ModelList,
+    RewardRequest,
+    RewardResponse,
+)
+from rewardkit.server.protocol import Usage
+from rewardkit.server.service import RewardService, encode_vector, set_score_headers, to_score_item
+
+
+async def rewards(service: RewardService, req: RewardRequest, response: Response) -> RewardResponse:
+    """Score items; with ``dense: true`` also return ABC token-level reward vectors."""
+    service.check_model(req.model)
+    items = [to_score_item(it) for it in req.items]
+    if req.dense:
+        results = await score_dense(service, req, items)
+    else:
+        scored = await service.score(items, truncate=req.truncate)
+        results = [ItemResult(index=i, reward=s.score.reward, num_tokens=s.score.num_tokens,
+                              truncated=s.score.truncated) for i, s in enumerate(scored)]
+    set_score_headers(response, service)
+    return RewardResponse(model=service.rm.model_id, head_version=service.head_version,
+                          rewards=[r.reward for r in results], results=results,
+                          usage=Usage(total_tokens=sum(r.num_tokens for r in results)))
+
+
+async def score_dense(service: RewardService, req: RewardRequest, items: Sequence[ScoreItem]) -> list[ItemResult]:
+    """ABC dense rewards for ``POST /v1/rewards`` with ``dense: true`` (see rewardkit.core.abc and docs/abc.md).
+
+    Per item: the scalar reward and the vector over the RM's response tokens (their text and character spans in
+    the response), or, with ``response_token_spans``, the vector projected onto the caller's spans.
+    """
+    done = await service.dense(items, req.beta, req.truncate, "items", [it.response_token_spans for it in req.items])
+    results = []
+    for i, (_enc, s, d, sp) in enumerate(done):
+        if sp is None:
+            dense = DenseReward(token_rewards=encode_vector(d.token_rewards, req.encoding_format), tokens=d.tokens,
+                                spans=d.spans, beta=d.beta)
+        else:
+            dense = DenseReward(token_rewards=encode_vector(project_to_spans(d, sp), req.encoding_format),
+                                tokens=None, spans=sp, beta=d.beta)
+        results.append(ItemResult(index=i, reward=s.reward, num_tokens=s.num_tokens, truncated=s.truncated,
+                                  dense=dense))
+    return results
+
+
+def model_list(service: RewardService) -> ModelList:
+    """The served model's card: id, head version, trained or not, what it scores, limits and normalisation."""
+    rm = service.rm
+    desc = rm.meta.description or ("trained reward model" if rm.meta.trained else "")
+    if not rm.meta.trained:
+        desc = "UNTRAINED reward head: " + desc
+    return ModelList(data=[ModelCard(
+        id=rm.model_id, head_version=service.head_version, trained=rm.meta.trained, description=desc,
+        max_length=service.settings.max_length, dtype=str(rm.dtype).replace("torch.", ""), device=str(rm.device),
+        reward_token_rule=rm.meta.reward_token_rule, norm_mean=rm.meta.norm_mean, norm_std=rm.meta.norm_std)])

@@ -1,0 +1,1 @@
+"""OpenRLHF's remote reward model: ``POST /get_reward`` (docs/integrations.md)."""

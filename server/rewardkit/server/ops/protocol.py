@@ -1,0 +1,25 @@
+"""Response models of the drift routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class DriftResponse(BaseModel):
+    """A drift snapshot (fields: see rewardkit.server.drift) with where it comes from."""
+
+    model: str
+    head_version: str
+    scope: Literal["local", "fleet"]
+    replicas: int
+    snapshot: dict[str, Any]
+
+
+class DriftActionResponse(BaseModel):
+    model: str
+    action: Literal["pin", "reset"]
+    replicas_notified: int
+    snapshot: dict[str, Any]

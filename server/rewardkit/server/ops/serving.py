@@ -1,0 +1,81 @@
+"""The work behind the operations routes: drift snapshots (this replica, or the fleet pooled through Redis), pin and
+reset of the drift reference (broadcast to the other replicas), scrape-time gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from fastapi import Request
+
+from rewardkit.server.deps import AppState, app_state
+from rewardkit.server.drift import DriftMonitor, merge_states
+from rewardkit.server.errors import BadRequest, NotReady
+from rewardkit.server.ops.protocol import DriftActionResponse, DriftResponse
+from rewardkit.server.service import RewardService
+from rewardkit.server.state import RedisState, StateUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def _monitor(service: RewardService) -> DriftMonitor:
+    if service.drift is None:
+        raise BadRequest("drift monitoring is disabled on this server (settings.drift_enabled=false)",
+                         field="drift_enabled")
+    return service.drift  # type: ignore[no-any-return]
+
+
+def refresh_gauges(state: AppState) -> None:
+    """Copy scrape-time values (drift snapshot, queue depth) into the metrics."""
+    svc, m = state.service, state.metrics
+    if svc is None or m is None:
+        return
+    m.set_queue_depth(svc.scheduler.queue_depth, svc.settings.max_queue_items)
+    if svc.drift is not None:
+        m.update_drift(svc.rm.model_id, svc.drift.snapshot())
+
+
+async def drift(request: Request, service: RewardService, scope: Literal["local", "fleet"]) -> DriftResponse:
+    """Reward drift and hacking signals over the sliding window (PSI, KS, shifts, length correlation, collapse)."""
+    mon = _monitor(service)
+    model_id = service.rm.model_id
+    if scope == "local":
+        return DriftResponse(model=model_id, head_version=service.head_version, scope="local", replicas=1,
+                             snapshot=mon.snapshot().to_dict())
+    rs: RedisState | None = app_state(request).redis
+    if rs is None:
+        raise BadRequest("scope=fleet needs Redis (settings.redis_url)", field="scope")
+    try:
+        await rs.push_drift(model_id, mon.to_state())  # include this replica's latest window
+        states = await rs.fleet_drift_states(model_id)
+    except StateUnavailable as exc:
+        raise NotReady(f"fleet drift needs Redis, which is down: {exc}", retry_after=2.0) from exc
+    merged = DriftMonitor.from_state(merge_states(list(states.values())), bins=mon.bins,
+                                     collapse_eps=mon.collapse_eps, min_samples=mon.min_samples)
+    return DriftResponse(model=model_id, head_version=service.head_version, scope="fleet", replicas=len(states),
+                         snapshot=merged.snapshot().to_dict())
+
+
+async def drift_action(request: Request, service: RewardService, action: Literal["pin", "reset"]) -> DriftActionResponse:
+    mon = _monitor(service)
+    if action == "pin":
+        try:
+            mon.pin_reference()
+        except ValueError as exc:
+            raise BadRequest(f"cannot pin the drift reference: {exc}", field="reference") from exc
+    else:
+        mon.reset_reference()
+    notified = 0
+    rs: RedisState | None = app_state(request).redis
+    if rs is not None and rs.available:
+        try:
+            notified = await rs.publish_event(f"drift_{action}", model_id=service.rm.model_id)
+        except StateUnavailable:
+            log.warning("drift %s applied locally only: redis is down", action)
+    snap = mon.snapshot()
+    st = app_state(request)
+    if st.metrics is not None:
+        st.metrics.update_drift(service.rm.model_id, snap)
+    return DriftActionResponse(model=service.rm.model_id, action=action, replicas_notified=max(0, notified - 1),
+                               snapshot=snap.to_dict())
