@@ -409,6 +409,7 @@ def test_dense_base64_decoding(server: FakeServer) -> None:
     assert d.tokens == tokens == list("hello")
     assert d.spans.shape == (5, 2) and d.spans.tolist() == spans
     assert len(d) == 5
+    assert (d.model, d.head_version) == ("fake-rm", "base")  # which model and head scored it
 
 
 def test_dense_projected_on_policy_spans(server: FakeServer) -> None:

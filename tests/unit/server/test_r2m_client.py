@@ -117,3 +117,71 @@ def test_reward_client_methods_use_its_url_and_key() -> None:
     assert str(seen[0].url) == "http://rk:1/v1/r2m/feedback"
     assert seen[0].headers["authorization"] == "Bearer secret-key-123"
     assert seen[0].headers["content-type"] == "application/octet-stream"
+
+
+def test_async_client_offers_every_sync_method() -> None:
+    from rewardkit.client import AsyncRewardClient, RewardClient
+
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
+
+    assert public(RewardClient) - public(AsyncRewardClient) == set()
+
+
+def test_feedback_fails_over_and_never_sleeps_an_unbounded_retry_after() -> None:
+    import time as _time
+
+    from rewardkit.client import RewardClient
+    from rewardkit.client.errors import NotReadyError
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        if request.url.host == "a":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"accepted_frames": 1})
+
+    with RewardClient(["http://a", "http://b"], transport=httpx.MockTransport(handler), seed=0) as rk:
+        with rk.stream_feedback(batch_frames=1) as fs:
+            fs.add("g", 0, 0, np.ones((2, 4), np.float32), {"text": "a"})
+            fs.flush(complete_groups=False)
+        assert fs.frames_sent == 1 and seen[-1] == "b"  # the frame reached the live replica
+
+    def busy(request: httpx.Request) -> httpx.Response:  # an overloaded server asking for a 1000 s pause
+        return httpx.Response(503, headers={"Retry-After": "1000"},
+                              json={"error": {"type": "not_ready", "message": "busy", "field": None}})
+
+    with RewardClient("http://c", transport=httpx.MockTransport(busy), max_retry_wait=1.0) as rk:
+        fs = rk.stream_feedback(batch_frames=1)
+        fs.add("g", 0, 0, np.ones((2, 4), np.float32), {"text": "a"})
+        t0 = _time.monotonic()
+        with pytest.raises(NotReadyError):
+            fs.flush(complete_groups=False)
+        assert _time.monotonic() - t0 < 5.0  # bounded by max_retry_wait, not the server's Retry-After
+        fs.close()
+
+
+def test_async_r2m_rewards_goes_through_the_client() -> None:
+    import asyncio
+
+    from rewardkit.client import AsyncRewardClient
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        dec = FrameDecoder()
+        n = len(dec.feed(request.read()))
+        return httpx.Response(200, json={"model": "m", "head_version": "r2m-000001", "rewards": [0.5] * n,
+                                         "results": []})
+
+    async def go() -> dict:
+        async with AsyncRewardClient("http://rk", api_key="k-123", transport=httpx.MockTransport(handler)) as rk:
+            return await rk.r2m_rewards(["g", "g"], [0, 1], 1, [np.ones((2, 4), np.float32)] * 2,
+                                        [{"text": "a"}, {"text": "b"}], dtype="float32")
+
+    out = asyncio.run(go())
+    assert out["rewards"] == [0.5, 0.5] and out["head_version"] == "r2m-000001"
+    assert seen[0].headers["authorization"] == "Bearer k-123"
+    assert seen[0].headers["content-type"] == "application/octet-stream"

@@ -299,7 +299,8 @@ class _BaseRewardClient:
                         f"results[{res.index}].dense: {vec.shape[0]} token rewards but {spans.shape[0]} spans"
                     )
             out.append(
-                DenseReward(reward=float(res.reward), token_rewards=vec, tokens=res.dense.tokens, spans=spans)
+                DenseReward(reward=float(res.reward), token_rewards=vec, tokens=res.dense.tokens, spans=spans,
+                            model=parsed.model, head_version=parsed.head_version)
             )
         return out
 
@@ -362,6 +363,22 @@ class _BaseRewardClient:
         if _retryable(err):
             self._mark_dead(ep)
         return err
+
+    def _request_kwargs(self, body: Any, content: bytes | None, params: Mapping[str, str] | None,
+                        headers: Mapping[str, str] | None, timeout: httpx.Timeout | None) -> dict[str, Any]:
+        """httpx keyword arguments of one request: JSON ``body`` or binary ``content`` (octet-stream)."""
+        hdrs = dict(self._headers)
+        kw: dict[str, Any] = {"timeout": timeout or self.timeout}
+        if content is not None:
+            hdrs["Content-Type"] = "application/octet-stream"
+            kw["content"] = content
+        else:
+            kw["json"] = body
+        hdrs.update(headers or {})
+        kw["headers"] = hdrs
+        if params:
+            kw["params"] = dict(params)
+        return kw
 
     @staticmethod
     def _api_error(response: httpx.Response) -> APIError:

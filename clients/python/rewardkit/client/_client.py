@@ -18,9 +18,12 @@ from rewardkit.client._base import (
     Item,
     Spans,
     _BaseRewardClient,
+    _coerce_timeout,
     _RetryState,
 )
 from rewardkit.client.errors import NotReadyError, TimeoutError
+from rewardkit.client.frames import encode_rewards_body
+from rewardkit.client.stream import FeedbackStream
 from rewardkit.client.types import DenseReward, ModelInfo, Scores
 
 __all__ = ["AsyncRewardClient", "RewardClient"]
@@ -172,18 +175,21 @@ class RewardClient(_BaseRewardClient):
 
     # -- R2M (rewardkit.client.feedback; docs/r2m.md) --------------------------------------------------------
     def r2m_rewards(self, group_ids: Sequence[str], indices: Sequence[int], round: int, hidden: Sequence[Any],
-                    items: Sequence[Mapping[str, Any]], **options: Any) -> dict[str, Any]:
-        """R2M rewards for items with their policy hidden states (``POST /v1/r2m/rewards``), from this client's
-        first URL with its API key. ``options``: dtype, max_positions, timeout."""
-        from rewardkit.client.feedback import r2m_rewards
+                    items: Sequence[Mapping[str, Any]], *, dtype: str = "bfloat16", max_positions: int | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """R2M rewards for items with their policy hidden states (``POST /v1/r2m/rewards``), through this client's
+        request path (failover, bounded ``Retry-After``, typed errors). Returns the parsed response."""
+        body = encode_rewards_body(group_ids, indices, round, hidden, items, dtype, max_positions)
+        return self._request("POST", "/v1/r2m/rewards", content=body, weight=max(1, len(items)),  # type: ignore[no-any-return]
+                             timeout=None if timeout is None else _coerce_timeout(timeout))
 
-        return r2m_rewards(self, group_ids, indices, round, hidden, items, **options)
-
-    def stream_feedback(self, **options: Any) -> Any:
-        """A :class:`rewardkit.client.feedback.FeedbackStream` to this client's first URL with its API key."""
-        from rewardkit.client.feedback import FeedbackStream
-
-        return FeedbackStream(self, **options)
+    def stream_feedback(self, *, transport: httpx.BaseTransport | None = None, max_retries: int | None = None,
+                        timeout: float | None = None, **options: Any) -> FeedbackStream:
+        """A :class:`rewardkit.client.stream.FeedbackStream` that sends through this client (or through a twin with
+        its URLs and key when ``transport``, ``max_retries`` or ``timeout`` differ). ``options``: dtype,
+        max_positions, batch_frames, max_queue, linger_s."""
+        client, owned = sync_twin(self, transport=transport, max_retries=max_retries, timeout=timeout)
+        return FeedbackStream(client, owns_client=owned, **options)
     # -- end R2M ----------------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -208,16 +214,18 @@ class RewardClient(_BaseRewardClient):
             out.extend_from(self._parse_scores(self._request("POST", "/v1/rewards", body, len(chunk)), len(chunk)))
         return out
 
-    def _request(self, method: str, path: str, body: Any = None, weight: int = 1) -> Any:
-        """Send with endpoint selection, failover and retries; return the decoded JSON body."""
+    def _request(self, method: str, path: str, body: Any = None, weight: int = 1, *, content: bytes | None = None,
+                 params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None,
+                 timeout: httpx.Timeout | None = None) -> Any:
+        """Send with endpoint selection, failover and bounded retries; return the decoded JSON body. ``content``:
+        a binary body (R2M's RKF1 streams), replayed as is on a retry."""
         state = _RetryState()
+        kw = self._request_kwargs(body, content, params, headers, timeout)
         while True:
             ep = self._acquire(weight)
             url = ep.url + path
             try:
-                response = self._http.request(
-                    method, url, json=body, headers=self._headers, timeout=self.timeout
-                )
+                response = self._http.request(method, url, **kw)
             except httpx.TransportError as exc:
                 err: Any = self._transport_error(ep, url, exc)
             else:
@@ -339,6 +347,25 @@ class AsyncRewardClient(_BaseRewardClient):
                 raise TimeoutError(f"no server ready after {timeout:.0f} s: {self.base_urls}", phase="ready")
             await asyncio.sleep(poll_interval)
 
+    # -- R2M (rewardkit.client.feedback; docs/r2m.md) --------------------------------------------------------
+    async def r2m_rewards(self, group_ids: Sequence[str], indices: Sequence[int], round: int, hidden: Sequence[Any],
+                          items: Sequence[Mapping[str, Any]], *, dtype: str = "bfloat16",
+                          max_positions: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """R2M rewards for items with their policy hidden states (``POST /v1/r2m/rewards``); see the sync client."""
+        body = encode_rewards_body(group_ids, indices, round, hidden, items, dtype, max_positions)
+        return await self._request("POST", "/v1/r2m/rewards", content=body,  # type: ignore[no-any-return]
+                                   weight=max(1, len(items)),
+                                   timeout=None if timeout is None else _coerce_timeout(timeout))
+
+    def stream_feedback(self, *, transport: httpx.BaseTransport | None = None, max_retries: int | None = None,
+                        timeout: float | None = None, **options: Any) -> FeedbackStream:
+        """A :class:`rewardkit.client.stream.FeedbackStream` to this client's URLs with its headers and retry policy.
+        The stream sends from its own thread through a sync twin of this client; ``add`` blocks only while the send
+        queue is full (backpressure), so call it from a worker thread if the event loop must never wait."""
+        client, owned = sync_twin(self, transport=transport, max_retries=max_retries, timeout=timeout)
+        return FeedbackStream(client, owns_client=owned, **options)
+    # -- end R2M ----------------------------------------------------------------------------------------------
+
     async def close(self) -> None:
         """Close the connection pool (only when this client created it)."""
         if self._owns_http:
@@ -396,16 +423,17 @@ class AsyncRewardClient(_BaseRewardClient):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def _request(self, method: str, path: str, body: Any = None, weight: int = 1) -> Any:
-        """Send with endpoint selection, failover and retries; return the decoded JSON body."""
+    async def _request(self, method: str, path: str, body: Any = None, weight: int = 1, *,
+                       content: bytes | None = None, params: Mapping[str, str] | None = None,
+                       headers: Mapping[str, str] | None = None, timeout: httpx.Timeout | None = None) -> Any:
+        """Send with endpoint selection, failover and bounded retries; return the decoded JSON body."""
         state = _RetryState()
+        kw = self._request_kwargs(body, content, params, headers, timeout)
         while True:
             ep = self._acquire(weight)
             url = ep.url + path
             try:
-                response = await self._http.request(
-                    method, url, json=body, headers=self._headers, timeout=self.timeout
-                )
+                response = await self._http.request(method, url, **kw)
             except httpx.TransportError as exc:
                 err: Any = self._transport_error(ep, url, exc)
             else:
@@ -419,3 +447,18 @@ class AsyncRewardClient(_BaseRewardClient):
             if delay is None:
                 raise err
             await asyncio.sleep(delay)
+
+
+def sync_twin(client: RewardClient | AsyncRewardClient, *, transport: httpx.BaseTransport | None = None,
+              max_retries: int | None = None, timeout: float | None = None) -> tuple[RewardClient, bool]:
+    """(a sync client for ``client``'s URLs, headers and retry policy, whether it is new). A `RewardClient` with
+    nothing to change is returned as is; an `AsyncRewardClient` always gets a sync twin (R2M's feedback thread)."""
+    if isinstance(client, RewardClient) and transport is None and max_retries is None and timeout is None:
+        return client, False
+    headers = {k: v for k, v in client._headers.items() if k not in ("User-Agent", "Accept")}
+    twin = RewardClient(client.base_urls, headers=headers, transport=transport,
+                        max_retries=client.max_retries if max_retries is None else max_retries,
+                        max_retry_wait=client.max_retry_wait, backoff_base=client.backoff_base,
+                        backoff_max=client.backoff_max, failover_cooldown=client.failover_cooldown,
+                        timeout=client.timeout if timeout is None else httpx.Timeout(timeout, connect=10.0))
+    return twin, True

@@ -29,6 +29,7 @@ class DenseReward:
         tokens: the reward model's tokens of the response, or ``None`` when the rewards were
             projected onto caller-given ``response_token_spans``.
         spans: ``(n, 2)`` int64 character offsets ``[start, end)`` of each entry inside the response.
+        model, head_version: which model and head scored it (as ``Scores`` carries them).
 
     Example::
 
@@ -41,6 +42,8 @@ class DenseReward:
     token_rewards: np.ndarray
     tokens: list[str] | None = None
     spans: np.ndarray = field(default_factory=lambda: np.empty((0, 2), dtype=np.int64))
+    model: str | None = None  # the model id the server reported
+    head_version: str | None = None  # the head that scored this item
 
     def __len__(self) -> int:
         return int(self.token_rewards.shape[0])
