@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes,
+                       check: Callable[[str], None] | None = None) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename, fsync the directory.
+    The one atomic-write helper of the project (checkpoints, R2M heads and their record, testbed files).
 
-    A crash at any point leaves either the old file or the new one, never a torn one.
+    A crash at any point leaves either the old file or the new one, never a torn one. ``check(tmp_path)`` runs on
+    the complete temp file before the rename; an exception there leaves ``path`` untouched.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +128,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, target)
     except BaseException:
         try:

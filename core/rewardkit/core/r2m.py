@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from rewardkit.core.checkpoint import atomic_write_bytes
 from rewardkit.core.errors import InputError, ModelLoadError
 
 __all__ = [
@@ -366,25 +366,6 @@ def r2m_update_step(
 # save / load
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def save_head(
     head: R2MHead,
     path: str | os.PathLike[str],
@@ -407,7 +388,7 @@ def save_head(
     tensors = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     data = st_save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
     out = Path(path)
-    _atomic_write(out, data)
+    atomic_write_bytes(out, data)
     return out
 
 

@@ -51,7 +51,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
-ERRORS = error_responses(401, 413, 422, 429, 503)  # what a scoring route can answer besides 200
+ERRORS: dict[int | str, dict[str, Any]] = error_responses(401, 413, 422, 429, 503)  # a scoring route besides 200
 
 
 class ChatMessage(BaseModel):

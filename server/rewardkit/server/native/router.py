@@ -12,10 +12,10 @@ from rewardkit.server.deps import get_service, require_api_key
 from rewardkit.server.errors import NotReady
 from rewardkit.server.native import serving
 from rewardkit.server.native.protocol import ModelList, RewardRequest, RewardResponse
-from rewardkit.server.protocol import ERRORS, ErrorResponse, Status
+from rewardkit.server.protocol import ERRORS, Status, error_responses
 from rewardkit.server.service import RewardService
 
-router = APIRouter(responses=ERRORS)  # type: ignore[arg-type]
+router = APIRouter(responses=ERRORS)
 
 
 open_router = APIRouter()
@@ -42,7 +42,7 @@ async def health() -> Status:
     return Status(status="ok")
 
 
-@open_router.get("/ready", response_model=Status, responses={503: {"model": ErrorResponse}})
+@open_router.get("/ready", response_model=Status, responses=error_responses(503))
 async def ready(request: Request) -> Status | JSONResponse:
     """Readiness: the model is loaded and the server accepts work."""
     st = request.app.state.rk

@@ -13,7 +13,7 @@ from rewardkit.server.openrlhf.protocol import GetRewardRequest, GetRewardRespon
 from rewardkit.server.protocol import ERRORS
 from rewardkit.server.service import RewardService
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)  # type: ignore[arg-type]
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 
 Service = Annotated[RewardService, Depends(get_service)]

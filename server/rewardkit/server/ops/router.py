@@ -16,7 +16,7 @@ from rewardkit.server.ops.protocol import DriftActionResponse, DriftResponse
 from rewardkit.server.protocol import error_responses
 from rewardkit.server.service import RewardService
 
-router = APIRouter(responses=error_responses(401, 422, 503))  # type: ignore[arg-type]
+router = APIRouter(responses=error_responses(401, 422, 503))
 
 
 @router.get("/metrics", dependencies=[Depends(require_metrics_key)], response_class=Response,

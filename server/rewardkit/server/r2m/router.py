@@ -11,13 +11,13 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from rewardkit.server.deps import app_state, check_service, require_api_key
 from rewardkit.server.errors import BadRequest, NotReady
-from rewardkit.server.protocol import ErrorResponse
+from rewardkit.server.protocol import error_responses
 from rewardkit.server.r2m import serving
 from rewardkit.server.r2m.protocol import FeedbackResponse, HeadList, R2MRewardResponse, R2MStatus
 from rewardkit.server.r2m.serving import R2MService
 
 router = APIRouter(prefix="/v1/r2m", tags=["r2m"], dependencies=[Depends(require_api_key)],
-                   responses={c: {"model": ErrorResponse} for c in (401, 404, 413, 415, 422, 429, 503)})  # type: ignore[dict-item]
+                   responses=error_responses(401, 404, 413, 415, 422, 429, 503))
 
 
 BINARY = {"requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},

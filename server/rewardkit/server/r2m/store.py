@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rewardkit.core.checkpoint import atomic_write_bytes
 from rewardkit.core.errors import ModelLoadError
 from rewardkit.core.r2m import R2MHead, load_head, read_head_metadata, save_head
 
@@ -62,16 +61,7 @@ class StoredHead:
 
 
 def _atomic_json(path: Path, obj: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(obj).encode())
 
 
 class HeadStore:
@@ -169,17 +159,10 @@ class HeadStore:
         path = self.path(number)
         if path.exists():
             return False
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        def check(tmp: str) -> None:
             meta = read_head_metadata(tmp)
             if int(meta.get("version", -1)) != number:
                 raise ModelLoadError(f"published head says version {meta.get('version')}, expected {number}")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write_bytes(path, data, check=check)
         return True

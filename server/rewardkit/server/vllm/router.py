@@ -20,7 +20,7 @@ from rewardkit.server.vllm.protocol import (
     PoolingResponse,
 )
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)  # type: ignore[arg-type]
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 
 Service = Annotated[RewardService, Depends(get_service)]

@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rewardkit.core.checkpoint import atomic_write_bytes
 from rewardkit.training.testbed.artifacts import ARTIFACTS, ArtifactPlan, RowPlan, render
 from rewardkit.training.testbed.tasks import DEFAULT_FAMILY_WEIGHTS, FAMILIES, generate_task
 
@@ -185,19 +185,6 @@ def split_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def make_testbed(
     out_dir: str | os.PathLike[str],
     seed: int = 0,
@@ -224,7 +211,7 @@ def make_testbed(
     for split in SPLITS:
         rows = generate_split(split, cfg)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-        _write_atomic(out / f"{split}.jsonl", data)
+        atomic_write_bytes(out / f"{split}.jsonl", data)
         splits[split] = {
             "file": f"{split}.jsonl",
             "sha256": hashlib.sha256(data).hexdigest(),
@@ -240,7 +227,7 @@ def make_testbed(
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "splits": splits,
     }
-    _write_atomic(
+    atomic_write_bytes(
         out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     )
     return manifest
