@@ -338,17 +338,8 @@ def train_rrm(cfg: RRMConfig, command: str | None = None) -> TrainResult:
         scale = feats.std(dim=0).clamp(min=1e-6)  # (H,)
         head, steps, last, sec_epoch = _optimise_comparisons(cfg, accelerator, (feats / scale).to(accelerator.device),
                                                              kept, run_log)
-        w = head.weight.detach().float().cpu() / scale  # (1, H) reads raw hidden states
-        with torch.no_grad():
-            rm.head.weight.copy_(w.to(rm.head.weight.dtype))
-            if rm.head.bias is not None:
-                rm.head.bias.zero_()
         n = len(enc)
-        base = torch.arange(n) * SLOTS_PER_EXAMPLE
-        raw = feats @ w.squeeze(0)  # (S,)
-        orig = torch.cat([raw[base], raw[base + 1]])  # (2N,) chosen then rejected, as BT normalises
-        train_stats = pair_stats(raw[base], raw[base + 1])
-        rm.meta.norm_mean, rm.meta.norm_std = float(orig.mean()), float(orig.std().clamp(min=1e-6))
+        train_stats = _install_head(rm, feats, head.weight.detach().float().cpu() / scale, n)
         metrics: dict[str, Any] = {
             "train_loss_last": last["loss"], "train_accuracy": train_stats["accuracy"],
             "train_margin_raw": train_stats["margin"], "steps": steps, "train_pairs": n,
@@ -369,6 +360,20 @@ def train_rrm(cfg: RRMConfig, command: str | None = None) -> TrainResult:
 
     rm.head_version = f"head-{hashlib.sha256(rm.head.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]}"
     return TrainResult(output_dir=out, rm=rm, metrics=metrics, steps=steps)
+
+
+def _install_head(rm: RewardModel, feats: torch.Tensor, w: torch.Tensor, n: int) -> dict[str, float]:
+    """Put the trained weights ``w`` (1, H), which read raw hidden states, into the model's head and normalise its
+    rewards over the N original pairs (chosen then rejected, as BT does). Returns the pairs' train stats."""
+    with torch.no_grad():
+        rm.head.weight.copy_(w.to(rm.head.weight.dtype))
+        if rm.head.bias is not None:
+            rm.head.bias.zero_()
+    base = torch.arange(n) * SLOTS_PER_EXAMPLE
+    raw = feats @ w.squeeze(0)  # (S,)
+    orig = torch.cat([raw[base], raw[base + 1]])  # (2N,)
+    rm.meta.norm_mean, rm.meta.norm_std = float(orig.mean()), float(orig.std().clamp(min=1e-6))
+    return pair_stats(raw[base], raw[base + 1])
 
 
 def _mark_rrm(out: Path, rm: RewardModel, counts: dict[str, dict[str, int]]) -> None:

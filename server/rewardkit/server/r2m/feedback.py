@@ -21,7 +21,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -76,6 +76,29 @@ class Entry:
     sample: FeedbackSample | None = None
     flush_keys: list[str] = field(default_factory=list)
     flush_id: str | None = None
+
+
+class FeedbackQueue(Protocol):
+    """Where accepted feedback waits for the updater: the server's ingest side puts, the updater gets and acks.
+    An entry is acknowledged only after the update that applied it is on disk (at-least-once; the store's applied
+    keys make a re-delivery a no-op). Implementations: `MemoryFeedbackQueue` (one process), `RedisFeedbackQueue`
+    (a Redis stream and consumer group, shared by replicas)."""
+
+    kind: str
+
+    async def put(self, samples: Sequence[FeedbackSample]) -> None: ...
+
+    async def put_flush(self, keys: Sequence[str], flush_id: str) -> None: ...
+
+    def get(self, timeout: float) -> list[Entry]: ...
+
+    def ack(self, ids: Sequence[str]) -> None: ...
+
+    def depth(self) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class MemoryFeedbackQueue:
@@ -244,4 +267,3 @@ class RedisFeedbackQueue:
         self._sync.close()
 
 
-FeedbackQueue = MemoryFeedbackQueue | RedisFeedbackQueue

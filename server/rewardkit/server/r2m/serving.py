@@ -27,7 +27,10 @@ from rewardkit.core.forward import normalise
 from rewardkit.core.r2m import mix_weight
 from rewardkit.core.wire import Frame, FrameDecoder, FrameError, reduce_positions
 from rewardkit.server.errors import BadRequest, NotFound, NotReady, Overloaded, PayloadTooLarge
-from rewardkit.server.r2m.feedback import FeedbackSample, MemoryFeedbackQueue, RedisFeedbackQueue
+from rewardkit.server.r2m.feedback import (
+    FeedbackQueue,
+    FeedbackSample,
+)
 from rewardkit.server.r2m.protocol import (
     FeedbackResponse,
     HeadInfo,
@@ -81,7 +84,7 @@ class R2MService:
     """The work behind ``/v1/r2m/*``. One per server process, built once the model is loaded."""
 
     def __init__(self, settings: Settings, reward_service: Any, updater: R2MUpdater,
-                 queue: MemoryFeedbackQueue | RedisFeedbackQueue, d_policy: int) -> None:
+                 queue: FeedbackQueue, d_policy: int) -> None:
         self.settings = settings
         self.svc = reward_service
         self.updater = updater

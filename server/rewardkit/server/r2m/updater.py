@@ -31,7 +31,11 @@ import numpy as np
 import torch
 
 from rewardkit.core.r2m import R2MBatch, R2MHead, make_optimizer, mix_weight, r2m_update_step
-from rewardkit.server.r2m.feedback import Entry, FeedbackSample, MemoryFeedbackQueue, RedisFeedbackQueue
+from rewardkit.server.r2m.feedback import (
+    Entry,
+    FeedbackQueue,
+    FeedbackSample,
+)
 from rewardkit.server.r2m.store import HeadStore, parse_version, version_name
 
 log = logging.getLogger(__name__)
@@ -80,7 +84,7 @@ class R2MUpdater:
         publish: called with (version, safetensors path) after a version is durable (e.g. Redis publication).
     """
 
-    def __init__(self, store: HeadStore, queue: MemoryFeedbackQueue | RedisFeedbackQueue, *,
+    def __init__(self, store: HeadStore, queue: FeedbackQueue, *,
                  steps_per_update: int = 1, publish: Callable[[str, Path], None] | None = None,
                  cfg_override: Callable[[R2MHead], None] | None = None, pause: float = 0.0) -> None:
         self.store = store

@@ -14,7 +14,7 @@ import torch
 from rewardkit.core.errors import ConfigError
 from rewardkit.core.r2m import R2MConfig, R2MHead
 from rewardkit.server.deps import AppState
-from rewardkit.server.r2m.feedback import MemoryFeedbackQueue, RedisFeedbackQueue
+from rewardkit.server.r2m.feedback import FeedbackQueue, MemoryFeedbackQueue, RedisFeedbackQueue
 from rewardkit.server.r2m.serving import R2MService
 from rewardkit.server.r2m.store import HeadStore, model_slug, parse_version
 from rewardkit.server.r2m.updater import R2MUpdater
@@ -51,7 +51,7 @@ def build(state: AppState, loop: asyncio.AbstractEventLoop | None = None) -> R2M
                               "use another --state-dir or matching REWARDKIT_R2M_* settings")
         head.cfg = dataclasses.replace(cfg)
 
-    queue: MemoryFeedbackQueue | RedisFeedbackQueue
+    queue: FeedbackQueue
     if s.redis_url:
         queue = RedisFeedbackQueue(s.redis_url, s.redis_namespace, model_slug(rm.model_id))
     else:
