@@ -51,8 +51,21 @@ def chat_texts(model: str | None, pairs: list[tuple[str, str]]) -> list[str]:
     return [fmt.render(ScoreItem(prompt=p, response=c))[0] for p, c in pairs]
 
 
+def ref_tree(ref: str, tmp: Path) -> dict[str, str]:
+    """A git worktree of ``ref`` and the PYTHONPATH that makes ``python -m rewardkit.cli`` run its code (the
+    namespace package's portions on PYTHONPATH come before the editable install's)."""
+    import subprocess
+
+    wt = tmp / f"ref-{ref}"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(wt), ref], check=True,
+                   capture_output=True)
+    parts = [wt / "core", wt / "server", wt / "clients" / "python", wt / "training"]
+    return {"PYTHONPATH": ":".join(str(p) for p in parts)}
+
+
 def run_model(name: str, model: str | None, pairs: list[tuple[str, str]], concurrency: int, peak: float,
-              tmp: Path, driver: str, seconds: int) -> list[dict[str, object]]:
+              tmp: Path, driver: str, seconds: int, ref_env: dict[str, str] | None = None,
+              ref: str = "") -> list[dict[str, object]]:
     import json
 
     texts = chat_texts(model, pairs)
@@ -67,10 +80,15 @@ def run_model(name: str, model: str | None, pairs: list[tuple[str, str]], concur
           "--max-wait-ms", "5"], 8732),
         ("rewardkit", [python(), "-m", "rewardkit.cli", "serve", *margs, "--port", "8733", "--max-wait-ms", "5"], 8733),
     ]
+    if ref_env is not None:  # the same server at another commit, in the same run (before/after a refactor)
+        configs.append((f"rewardkit @ {ref}", [python(), "-m", "rewardkit.cli", "serve", *margs, "--port", "8734",
+                                               "--max-wait-ms", "5"], 8734))
+        configs.append(("rewardkit (again)", configs[2][1], 8733))  # after, before, after: drift shows up
     base_tps = None
     for label, cmd, port in configs:
         url = f"http://127.0.0.1:{port}"
-        proc = start_process(cmd, url, tmp / f"{name}-{port}.log")
+        proc = start_process(cmd, url, tmp / f"{name}-{port}-{len(label)}.log",
+                             env_extra=ref_env if label.startswith("rewardkit @") else None)
         try:
             asyncio.run(drive(url, texts[: min(len(texts), 2 * concurrency)], concurrency))  # warm-up
             if driver == "wrk":
@@ -103,6 +121,8 @@ def main() -> None:
     ap.add_argument("--driver", choices=["wrk", "httpx"], default="wrk",
                     help="load generator: wrk (C, apt-get install wrk) or httpx (Python; client-bound on 2 cores)")
     ap.add_argument("--seconds", type=int, default=15, help="wrk duration per configuration")
+    ap.add_argument("--compare-ref", default="", help="also run the rewardkit server at this git commit (a worktree), "
+                    "between two runs of the current code, and write bench/results/serving_compare.json")
     args = ap.parse_args()
     peak = matmul_peak_gflops()
     print(f"matmul peak (fp32, 2048^3): {peak:.1f} GFLOP/s")
@@ -111,14 +131,21 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="rk-bench-"))
     tiny = str(make_tiny_reward_model(tmp / "tiny", arch="llama", hidden=64, layers=2))
     p, k = (8, 4) if args.quick else (16, 8)
+    ref_env = ref_tree(args.compare_ref, tmp) if args.compare_ref else None
     rows = run_model("tiny", tiny, grpo_workload(p * 4, k, (40, 250), (10, 150)), args.concurrency, peak, tmp,
-                     args.driver, args.seconds)
+                     args.driver, args.seconds, ref_env, args.compare_ref)
     if not args.skip_smollm2:
         p2 = 4 if args.quick else 8
         rows += run_model("smollm2", None, grpo_workload(p2, 4, (40, 250), (10, 150), seed=1), args.concurrency, peak,
-                         tmp, args.driver, args.seconds * 2)
-    write_json(ROOT / "bench/results/serving.json", {"matmul_peak_gflops": peak, "rows": rows,
-                                                     "concurrency": args.concurrency})
+                         tmp, args.driver, args.seconds * 2, ref_env, args.compare_ref)
+    out = "serving_compare.json" if args.compare_ref else "serving.json"
+    write_json(ROOT / "bench/results" / out, {"matmul_peak_gflops": peak, "rows": rows, "concurrency": args.concurrency,
+                                              "compare_ref": args.compare_ref or None})
+    if args.compare_ref:
+        import subprocess
+
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / f"ref-{args.compare_ref}")],
+                       check=False, capture_output=True)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def grpo_workload(n_prompts: int, k: int, prompt_words: tuple[int, int], complet
     return out
 
 
-def start_process(cmd: list[str], url: str, log: Path, timeout: float = 300) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def start_process(cmd: list[str], url: str, log: Path, timeout: float = 300,
+                  env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env_extra or {})}
     fh = open(log, "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
