@@ -13,6 +13,10 @@ Phases, one server and one Redis throughout (the server restarts once):
 6. ``server_kill9``: the server killed with SIGKILL while a sender thread streams groups and the updater applies
    them, restarted on the same port (same state directory), and the rest of the groups sent.
 
+Before Redis loses its data (phases 3 and 4) the bench waits for the updater to apply everything accepted so far:
+entries Redis held that the updater had not read are lost with Redis when it runs without persistence (use AOF),
+which is a property of Redis, not of the server, and not what those phases measure.
+
 Each group is K frames in one ``POST /v1/r2m/feedback`` and is sent once (no client retry), so every group ends as
 exactly one of: *accepted* (200) or *refused* (a status, or a transport error). At the end the bench flushes, waits
 for the updater to go idle, and reads the applied group keys from every head file in the store
@@ -114,6 +118,19 @@ def burst(url: str, ledger: Ledger, phase: str, n: int, timeout: float = 10.0) -
     return Counter(send_group(url, ledger, phase, f"{phase}-{start + i}", timeout) for i in range(n))
 
 
+def settle(url: str, ledger: Ledger, timeout: float = 30.0) -> bool:
+    """Wait until the updater has applied every group accepted so far and holds no frames. Run before Redis
+    loses its data (kill + empty restart, FLUSHALL): what Redis held and the updater had not read yet is lost with
+    it (Redis without persistence; docs/operations.md), which is not what those phases measure."""
+    accepted = sum(1 for v in ledger.groups.values() if v["outcome"] == "accepted")
+
+    def done() -> bool:
+        st = status(url)
+        return st["groups_applied"] >= accepted and st["pending_frames"] == 0
+
+    return wait(done, timeout)
+
+
 def applied_keys(store_root: Path) -> Counter:
     """Group keys in every head file (``round:group_id``), counted per file: > 1 means applied twice."""
     from rewardkit.core.r2m import read_head_metadata
@@ -167,6 +184,7 @@ def main() -> None:
         note("redis_paused", "sent after SIGCONT", **burst(url, ledger, "redis_paused", n))
 
         # -- Redis killed, restarted empty ----------------------------------------------------------------------
+        note("redis_paused", "updater caught up before the kill", settled=settle(url, ledger))
         rp.kill()
         note("redis_killed", "sent while Redis is down", **burst(url, ledger, "redis_killed", n))
         shutil.rmtree(rp.dir)
@@ -179,6 +197,7 @@ def main() -> None:
         import redis
 
         note("redis_flushall", "sent before", **burst(url, ledger, "redis_flushall", n))
+        note("redis_flushall", "updater caught up before FLUSHALL", settled=settle(url, ledger))
         redis.Redis.from_url(rp.url).flushall()
         note("redis_flushall", "sent after FLUSHALL", **burst(url, ledger, "redis_flushall", n))
 

@@ -179,7 +179,9 @@ class RedisFeedbackQueue:
     async def put(self, samples: Sequence[FeedbackSample]) -> None:
         if not samples:
             return
-        pipe = self._aio.pipeline(transaction=False)
+        # MULTI/EXEC: one request's frames land in the stream together, so the updater never reads half of them
+        # (half a group held in memory when Redis then loses its data is a group that never completes).
+        pipe = self._aio.pipeline(transaction=True)
         for s in samples:
             pipe.xadd(self.stream, s.to_fields())  # type: ignore[arg-type]
         await pipe.execute()
