@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -196,8 +196,10 @@ class PrefixSharer:
             return self._support[key]
 
     # -- scoring ------------------------------------------------------------------------------------------------
-    def group_hidden(self, rm: RewardModel, items: Sequence[EncodedItem], group: PrefixGroup) -> torch.Tensor:
-        """Hidden states at each member's reward token, (G, H), in ``group.indices`` order."""
+    def group_hidden(self, rm: RewardModel, items: Sequence[EncodedItem], group: PrefixGroup,
+                     on_prefix: Callable[[Any], None] | None = None) -> torch.Tensor:
+        """Hidden states at each member's reward token, (G, H), in ``group.indices`` order. ``on_prefix``: called
+        with the prefix's cache right after its forward (the KV cache across batches stores it)."""
         p = group.prefix_len
         members = [items[i] for i in group.indices]
         ids, mask, _ = pad_batch(members, rm.pad_token_id, "right", torch.device("cpu"))  # right-padded: indices
@@ -207,6 +209,8 @@ class PrefixSharer:
         out = rm.body(input_ids=prefix_ids, position_ids=torch.arange(p, device=dev)[None], use_cache=True)
         h_prefix = out.last_hidden_state[0]  # (P, H)
         cache = output_cache(out)
+        if on_prefix is not None:
+            on_prefix(cache)
         result: list[torch.Tensor | None] = [h_prefix[r] if r < p else None for r in ridx]
         need = [k for k, r in enumerate(ridx) if r >= p]  # members whose reward token lies in their completion
         self.stats.tokens_computed += p

@@ -7,7 +7,9 @@ Paths (each ends in ``forward.scores_from_hidden``, so the reward rule, head and
 - padding-free (CPU): each prefix group as one shared forward, every other item alone, unpadded (a padded batch
   needs an explicit attention mask, which sends SDPA down its slow masked path: batch 4 measured ~25-35% slower per
   token than single items);
-- ABC dense: the plain path with the attention rows captured (``rewardkit.core.abc``), never prefix-shared.
+- ABC dense: the plain path with the attention rows captured (``rewardkit.core.abc``), never prefix-shared;
+- prompt KV cache across batches (``rewardkit.core.prefix_cache``, ``prefix_cache_bytes`` > 0): items whose prefix
+  is stored run only the rest; the others take the paths above and store their prompt's KV on the way.
 
 The scorer is the contract between the server's scheduler and a model (TGI's ``Model``/``Batch`` split): it takes
 already-encoded items and returns one :class:`ItemScore` each, in order. It owns no queue and no threads.
@@ -21,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -32,11 +35,15 @@ from rewardkit.core.forward import (
     normalise,
     pad_batch,
     plain_forward,
+    reward_index,
     reward_indices,
     scores_from_hidden,
 )
 from rewardkit.core.loading import RewardModel
-from rewardkit.core.prefix import PrefixSharer, find_prefix_groups
+from rewardkit.core.prefix import PrefixSharer, find_prefix_groups, output_cache
+from rewardkit.core.prefix_cache import DEFAULT_BLOCK, Match, PrefixKVCache, kv_of, run_tail, run_tails_packed
+
+Store = dict[int, int]  # id(item) -> leading tokens of it to store in the KV cache after its forward
 
 __all__ = ["ItemScore", "Scorer", "pad_batch", "reference_score", "reward_indices"]
 
@@ -45,10 +52,13 @@ class Scorer:
     """Scores batches of encoded items with one reward model.
 
     ``padding_free``: score non-dense items unpadded (one forward per item or prefix group), the server's CPU choice.
+    ``prefix_cache_bytes``: > 0 keeps prompts' KV across batches (LRU, at most that many bytes; needs
+    ``prefix_sharing``); counters in ``.kv.stats``.
     """
 
     def __init__(self, rm: RewardModel, padding_side: str = "right", prefix_sharing: bool = True,
-                 padding_free: bool = False) -> None:
+                 padding_free: bool = False, prefix_cache_bytes: int = 0, prefix_cache_block: int = DEFAULT_BLOCK
+                 ) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError("padding_side must be 'left' or 'right'")
         self.rm = rm
@@ -57,6 +67,8 @@ class Scorer:
         # -- prefix sharing (rewardkit.core.prefix): items sharing a token prefix run it once; counters in .prefix.stats
         self.prefix_sharing = prefix_sharing
         self.prefix = PrefixSharer()
+        self.kv: PrefixKVCache | None = (PrefixKVCache(prefix_cache_bytes, prefix_cache_block, self.prefix.min_prefix)
+                                         if prefix_sharing and prefix_cache_bytes > 0 else None)
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         return normalise(self.rm, raw)  # type: ignore[no-any-return]
@@ -89,26 +101,93 @@ class Scorer:
         return [s for s in out if s is not None]
 
     def _score_scalar(self, items: Sequence[EncodedItem], return_hidden: bool) -> list[ItemScore]:
+        if self.kv is not None and self.prefix.supported(self.rm):
+            return self.score_cached(items, return_hidden)
         return self.score_unpadded(items, return_hidden) if self.padding_free else self.score_batch(items, return_hidden)
+
+    @torch.inference_mode()
+    def score_cached(self, items: Sequence[EncodedItem], return_hidden: bool = False) -> list[ItemScore]:
+        """The KV-cache path: items with a stored prefix run only their rest (mates of one entry packed in one
+        forward); the others take the usual paths and store their prompt's KV. Results in the order of ``items``."""
+        assert self.kv is not None
+        rm, kv = self.rm, self.kv
+        ridx = [reward_index(it.input_ids, rm.pad_token_id, rm.meta.reward_token_rule) for it in items]
+        matches = [kv.lookup(it.input_ids, r) for it, r in zip(items, ridx, strict=True)]
+        store = {id(it): n for it, r, mt in zip(items, ridx, matches, strict=True) if (n := kv.store_len(it, r, mt))}
+        out: list[ItemScore | None] = [None] * len(items)
+        by_entry: dict[tuple[int, int], list[int]] = {}
+        for i, mt in enumerate(matches):
+            # A padded batch is worth more than a short reuse (a shared system prompt): below min_fraction of the
+            # item, it stays in the batch (and still stores its prompt). Padding-free items run alone anyway.
+            if mt is None or not (self.padding_free or mt.length >= self.prefix.min_fraction * len(items[i].input_ids)):
+                continue
+            if id(items[i]) in store:  # it also stores (a longer prompt than the match): alone, keep its KV
+                n = store.pop(id(items[i]))
+                h, cache = run_tail(rm, mt.entry.kv, mt.length, items[i].input_ids[mt.length:ridx[i] + 1])
+                kv.put(items[i].input_ids[:n], kv_of(cache, 0, 0, n))
+                out[i] = scores_from_hidden(rm, [items[i]], h[None], return_hidden)[0]
+            else:
+                by_entry.setdefault((id(mt.entry), mt.length), []).append(i)
+        for idx in by_entry.values():
+            self._score_hits(items, idx, [matches[i] for i in idx], ridx, return_hidden, out)
+        rest = [i for i, s in enumerate(out) if s is None]
+        if rest:
+            part = [items[i] for i in rest]
+            done = self.score_unpadded(part, return_hidden, store) if self.padding_free else self.score_batch(
+                part, return_hidden, store=store)
+            for i, s in zip(rest, done, strict=True):
+                out[i] = s
+        return [s for s in out if s is not None]
+
+    def _score_hits(self, items: Sequence[EncodedItem], idx: list[int], matches: Sequence[Match | None],
+                    ridx: list[int], return_hidden: bool, out: list[ItemScore | None]) -> None:
+        mt = matches[0]
+        assert mt is not None
+        tails = [items[i].input_ids[mt.length:ridx[i] + 1] for i in idx]
+        h = (run_tails_packed(self.rm, mt.entry.kv, mt.length, tails) if len(idx) > 1
+             else run_tail(self.rm, mt.entry.kv, mt.length, tails[0])[0][None])
+        for i, s in zip(idx, scores_from_hidden(self.rm, [items[i] for i in idx], h, return_hidden), strict=True):
+            out[i] = s
+
+    def _store_prefix(self, ids: Sequence[int], cache: object) -> None:
+        assert self.kv is not None
+        self.kv.put(ids, kv_of(cache, 0, 0, len(ids)))
+
+    def _plain(self, items: Sequence[EncodedItem], store: Store | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward.plain_forward``; with ``store`` naming some of ``items``, the same forward keeps its cache and
+        their prompts' KV go into the KV cache."""
+        rows = [(r, store[id(it)]) for r, it in enumerate(items) if store and id(it) in store]
+        if not rows or self.kv is None:
+            return plain_forward(self.rm, items, self.padding_side)
+        ids, mask, pos = pad_batch(items, self.rm.pad_token_id, self.padding_side, self.rm.device)
+        out = self.rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = output_cache(out)
+        width = ids.shape[1]
+        for r, n in rows:
+            start = width - len(items[r].input_ids) if self.padding_side == "left" else 0
+            self.kv.put(items[r].input_ids[:n], kv_of(cache, r, start, n))
+        return out.last_hidden_state, reward_indices(ids, mask, self.rm.pad_token_id, self.rm.meta.reward_token_rule)
 
     # -- the paths -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def score_batch(self, items: Sequence[EncodedItem], return_hidden: bool = False,
-                    abc_layers: Sequence[int] | None = None) -> list[ItemScore]:
-        """Score items in order, batched. ``abc_layers``: also capture the attention rows ABC needs (plain path)."""
+                    abc_layers: Sequence[int] | None = None, store: Store | None = None) -> list[ItemScore]:
+        """Score items in order, batched. ``abc_layers``: also capture the attention rows ABC needs (plain path).
+        ``store``: items whose prompt KV goes into the KV cache on the way (``score_cached`` sets it)."""
         if not items:
             return []
         if abc_layers is not None:
             return score_with_rows(self.rm, items, self.padding_side, return_hidden, abc_layers)
         if self.prefix_sharing:
-            shared = self.score_shared(items, return_hidden)
+            shared = self.score_shared(items, return_hidden, store)
             if shared is not None:
                 return shared
-        hidden, idx = plain_forward(self.rm, items, self.padding_side)
+        hidden, idx = self._plain(items, store)
         h_r = hidden[torch.arange(len(items), device=hidden.device), idx]  # (B, H)
         return scores_from_hidden(self.rm, items, h_r, return_hidden)
 
-    def score_shared(self, items: Sequence[EncodedItem], return_hidden: bool = False) -> list[ItemScore] | None:
+    def score_shared(self, items: Sequence[EncodedItem], return_hidden: bool = False,
+                     store: Store | None = None) -> list[ItemScore] | None:
         """Prefix reuse; None when nothing in the batch is worth sharing (the caller runs the plain path). Items in no
         group go back through ``score_batch`` (which may find smaller groups among them)."""
         sharer = self.prefix
@@ -124,8 +203,10 @@ class Scorer:
         sharer.stats.batches += 1
         for g in groups:
             members = [items[i] for i in g.indices]
-            for i, s in zip(g.indices, scores_from_hidden(self.rm, members, sharer.group_hidden(self.rm, items, g),
-                                                          return_hidden), strict=True):
+            on_prefix = (functools.partial(self._store_prefix, members[0].input_ids[:g.prefix_len])
+                         if self.kv is not None and store and any(id(m) in store for m in members) else None)
+            h = sharer.group_hidden(self.rm, items, g, on_prefix)
+            for i, s in zip(g.indices, scores_from_hidden(self.rm, members, h, return_hidden), strict=True):
                 out[i] = s
             sharer.stats.groups += 1
             sharer.stats.items_shared += len(g.indices)
@@ -133,12 +214,14 @@ class Scorer:
             sharer.stats.tokens_total += sum(len(m.input_ids) for m in members)
         rest = [i for i, s in enumerate(out) if s is None]
         if rest:
-            for i, s in zip(rest, self.score_batch([items[i] for i in rest], return_hidden=return_hidden), strict=True):
+            for i, s in zip(rest, self.score_batch([items[i] for i in rest], return_hidden=return_hidden, store=store),
+                            strict=True):
                 out[i] = s
         return [s for s in out if s is not None]
 
     @torch.inference_mode()
-    def score_unpadded(self, items: Sequence[EncodedItem], return_hidden: bool = False) -> list[ItemScore]:
+    def score_unpadded(self, items: Sequence[EncodedItem], return_hidden: bool = False,
+                       store: Store | None = None) -> list[ItemScore]:
         """Padding-free scoring: each prefix group as one ``score_batch`` call (shared prefix), every other item
         alone (an unpadded forward keeps SDPA's causal kernel). Results in the order of ``items``."""
         groups = find_prefix_groups([it.input_ids for it in items], self.prefix.min_prefix,
@@ -150,7 +233,8 @@ class Scorer:
         parts += [[i] for i in range(len(items)) if i not in grouped]
         out: list[ItemScore | None] = [None] * len(items)
         for part in parts:
-            for i, s in zip(part, self.score_batch([items[i] for i in part], return_hidden=return_hidden), strict=True):
+            for i, s in zip(part, self.score_batch([items[i] for i in part], return_hidden=return_hidden, store=store),
+                            strict=True):
                 out[i] = s
         return [s for s in out if s is not None]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -208,6 +208,16 @@ class Metrics:
             "Tokens not recomputed thanks to prefix reuse.",
             registry=r,
         )
+        # prompt KV cache across requests (rewardkit.core.prefix_cache)
+        kv = "rewardkit_prefix_kv_cache"
+        self.kv_cache_counters = {name: Counter(f"{kv}_{name}_total", doc, registry=r) for name, doc in (
+            ("hits", "Items that reused a prompt's KV stored by an earlier batch."),
+            ("misses", "Items looked up in the prompt KV cache that found no stored prefix."),
+            ("stores", "Prompt KV entries stored."),
+            ("evictions", "Prompt KV entries evicted (least recently used) to stay under the byte budget."),
+            ("tokens_saved", "Prompt tokens not recomputed thanks to the KV cache across requests."))}
+        self.kv_cache_bytes = Gauge(f"{kv}_bytes", "Bytes of prompt KV held (bounded by prefix_cache_mb).", registry=r)
+        self.kv_cache_entries = Gauge(f"{kv}_entries", "Prompt KV entries held.", registry=r)
         self.cache_hits_total = Counter("rewardkit_cache_hits_total", "Score-cache hits.", registry=r)
         self.cache_misses_total = Counter("rewardkit_cache_misses_total", "Score-cache misses.", registry=r)
 
@@ -360,6 +370,15 @@ class Metrics:
         """Count items that reused a prompt's KV cache and the tokens that saved."""
         self.prefix_cache_hits_total.inc(hits)
         self.prefix_cache_saved_tokens_total.inc(saved_tokens)
+
+    def observe_kv_cache(self, before: Any, after: Any) -> None:
+        """The prompt KV cache's counters moved from ``before`` to ``after`` (``KVCacheStats`` snapshots)."""
+        for name, counter in self.kv_cache_counters.items():
+            delta = getattr(after, name) - getattr(before, name)
+            if delta > 0:
+                counter.inc(delta)
+        self.kv_cache_bytes.set(after.bytes)
+        self.kv_cache_entries.set(after.entries)
 
     def observe_score_cache(self, hits: int, misses: int) -> None:
         """Count score-cache lookups."""

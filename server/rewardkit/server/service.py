@@ -65,7 +65,7 @@ class RewardService:
         self.formatter = Formatter(rm.tokenizer, max_length=settings.max_length, truncate=settings.truncate)
         self.padding_free = settings.padding_free == "on" or (settings.padding_free == "auto" and rm.device.type == "cpu")
         self.scorer = Scorer(rm, padding_side=settings.padding_side, prefix_sharing=settings.prefix_sharing,
-                             padding_free=self.padding_free)
+                             padding_free=self.padding_free, prefix_cache_bytes=int(settings.prefix_cache_mb * 2**20))
         self.scheduler: Scheduler[ModelJob, ItemScore] = Scheduler(
             self._run_batch, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0, max_queue_items=settings.max_queue_items,
@@ -86,12 +86,16 @@ class RewardService:
         """One scheduler batch: the Scorer picks the path (dense rows, padding-free, prefix-shared, plain)."""
         dense = [j.dense for j in jobs]
         before = self.scorer.prefix.stats.snapshot()
+        kv = self.scorer.kv
+        kv_before = kv.stats.snapshot() if kv is not None else None
         out = self.scorer.score([j.enc for j in jobs], return_hidden=any(j.want_hidden for j in jobs), dense=dense,
                                 abc_layers=resolve_layers(self.rm, self.abc_options) if any(dense) else None)
         after = self.scorer.prefix.stats
         if self.metrics is not None and after.items_shared > before.items_shared:
             self.metrics.observe_prefix_cache(after.items_shared - before.items_shared,
                                               after.prefix_tokens_saved - before.prefix_tokens_saved)
+        if self.metrics is not None and kv is not None and kv_before is not None:
+            self.metrics.observe_kv_cache(kv_before, kv.stats)
         return out
 
     def _on_batch(self, stats: Any) -> None:

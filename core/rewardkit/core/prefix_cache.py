@@ -1,0 +1,244 @@
+"""A prompt KV cache across requests: the first item of a GRPO group stores its prompt's keys and values, and mates
+that arrive later, in other requests and other batches, run only their completion against them.
+
+Trainers send one sample per request (verl's reward loop, OpenRLHF, slime), many in flight, so the K completions of
+one prompt are spread over several batches and in-batch sharing (``rewardkit.core.prefix``) catches only part of
+the reuse. vLLM's automatic prefix caching solves the same problem for generation; this is its scoring analogue.
+
+Design (why):
+
+- **Whole entries, found by block hashes.** An entry holds one contiguous KV tensor per layer for a token prefix
+  (fast to use: no gather of scattered blocks, one ``torch.cat`` per layer per forward). It is indexed under the
+  chained hash of each ``block``-token boundary of its ids, so an item finds the entry sharing its longest
+  block-aligned prefix without knowing where its prompt ends. That is what plain-text items need (OpenRLHF's
+  ``query`` is prompt and response in one string). The match is then verified on the ids (no trust in a hash) and
+  extended token by token up to the entry's length: reuse is exact to the token.
+- **What is stored.** Chat items (a known response start) store their prompt part. Plain-text items store every
+  token up to the reward token; mates reuse the part they share. An item stores only when the cache did not already
+  give it its prompt (chat), or at least half of it (plain), so K mates store one entry, not K.
+- **Bounded by bytes, LRU.** ``max_bytes`` caps the KV tensors held. The least recently used entries are evicted
+  first. An entry larger than the whole budget is not stored.
+- **Exact.** A token's keys and values depend only on the tokens before it and their positions, so KV taken from a
+  full forward (right or left padded: positions count attended tokens) is the prompt's KV. Rewards match a full
+  forward within fp32 GEMM rounding (tests: atol 1e-5, rtol 1e-4). The cache holds no rewards and no head output:
+  a head swap needs no invalidation. A change of the body's weights does (``clear()``; the server never changes
+  them in place).
+- **ABC dense items** need the reward token's attention over the prompt's keys per head; they take the plain path
+  (no lookup, no store), as in-batch prefix sharing does.
+
+The caller (``Scorer``) checks ``prefix.probe_support`` first: models whose cache is not a full-attention
+``DynamicCache`` never reach this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rewardkit.core.formatting import EncodedItem
+from rewardkit.core.loading import RewardModel
+from rewardkit.core.prefix import CACHE_KW, output_cache
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (1, kv_heads, P, head_dim)
+
+DEFAULT_BLOCK = 16
+
+
+@dataclasses.dataclass
+class KVCacheStats:
+    """Cumulative counters (read by the metrics layer). ``hits``: items that reused a stored prefix; ``misses``:
+    items looked up that found none (or one shorter than ``min_prefix``); ``tokens_saved``: prefix tokens not
+    recomputed; ``bytes`` and ``entries``: what is held now."""
+
+    hits: int = 0
+    misses: int = 0
+    stores: int = 0
+    evictions: int = 0
+    tokens_saved: int = 0
+    bytes: int = 0
+    entries: int = 0
+
+    def snapshot(self) -> KVCacheStats:
+        return dataclasses.replace(self)
+
+
+@dataclasses.dataclass(eq=False)
+class Entry:
+    ids: tuple[int, ...]
+    kv: KV
+    nbytes: int
+    hashes: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """``entry``'s first ``length`` tokens are the item's first ``length`` tokens."""
+
+    entry: Entry
+    length: int
+
+
+def block_hashes(ids: Sequence[int], block: int, upto: int) -> list[int]:
+    """Chained hashes of ``ids`` at every ``block`` boundary <= ``upto``: hashes[j] covers ids[:(j + 1) * block]."""
+    out: list[int] = []
+    h = 0
+    for end in range(block, upto + 1, block):
+        h = hash((h, tuple(ids[end - block:end])))
+        out.append(h)
+    return out
+
+
+def prompt_len(item: EncodedItem) -> int | None:
+    """Tokens before the response (the first token covering response text), or None for text with no response
+    start (plain text: the whole string may be the response)."""
+    if item.response_start <= 0:
+        return None
+    first = next((i for i, (s, e) in enumerate(item.offsets) if e > s and e > item.response_start), None)
+    return len(item.input_ids) if first is None else first
+
+
+class PrefixKVCache:
+    """LRU of prompt KV keyed by token ids, at most ``max_bytes`` of tensors. Thread-safe (one lock)."""
+
+    def __init__(self, max_bytes: int, block: int = DEFAULT_BLOCK, min_prefix: int = 16) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        self.max_bytes = max_bytes
+        self.block = block
+        self.min_prefix = max(min_prefix, 1)
+        self.stats = KVCacheStats()
+        self._entries: OrderedDict[int, Entry] = OrderedDict()  # id(entry) -> entry, least recently used first
+        self._index: dict[int, Entry] = {}  # block-boundary hash -> the entry most recently stored under it
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._index.clear()
+            self.stats.bytes = self.stats.entries = 0
+
+    # -- lookup ----------------------------------------------------------------------------------------------------
+    def lookup(self, ids: Sequence[int], limit: int) -> Match | None:
+        """The longest stored prefix of ``ids`` of at most ``limit`` tokens (>= ``min_prefix``), or None. Counts a
+        hit or a miss."""
+        hashes = block_hashes(ids, self.block, limit)
+        with self._lock:
+            for j in range(len(hashes) - 1, -1, -1):
+                e = self._index.get(hashes[j])
+                if e is None:
+                    continue
+                m = self._common(e.ids, ids, min(limit, len(e.ids)))
+                if m >= self.min_prefix and m >= (j + 1) * self.block:  # verified on the ids, not on the hash
+                    if 2 * m >= len(e.ids):  # a short reuse (a system prompt) does not keep a long entry alive: the
+                        self._entries.move_to_end(id(e))  # newest entry holding those tokens is indexed for them
+
+                    self.stats.hits += 1
+                    self.stats.tokens_saved += m
+                    return Match(e, m)
+            self.stats.misses += 1
+            return None
+
+    @staticmethod
+    def _common(a: Sequence[int], b: Sequence[int], n: int) -> int:
+        i = 0
+        while i < n and a[i] == b[i]:
+            i += 1
+        return i
+
+    # -- store -----------------------------------------------------------------------------------------------------
+    def store_len(self, item: EncodedItem, reward_idx: int, match: Match | None) -> int:
+        """How many leading tokens of ``item`` to store after its forward (0: none)."""
+        m = match.length if match else 0
+        p = prompt_len(item)
+        if p is not None:  # chat: the prompt part, unless the cache already gave it
+            n = min(p, reward_idx + 1)
+            return n if n >= self.min_prefix and m < n else 0
+        n = reward_idx + 1  # plain text: everything computed; mates reuse what they share
+        return n if n >= self.min_prefix and m < n / 2 else 0
+
+    def put(self, ids: Sequence[int], kv: KV) -> bool:
+        """Store ``kv`` (tensors for exactly ``len(ids)`` tokens, owned by the cache from now on). False when it
+        is larger than the whole budget."""
+        ids = tuple(ids)
+        nbytes = sum(k.nbytes + v.nbytes for k, v in kv)
+        if nbytes > self.max_bytes or len(ids) < self.min_prefix:
+            return False
+        hashes = block_hashes(ids, self.block, len(ids))
+        with self._lock:
+            while self._entries and self.stats.bytes + nbytes > self.max_bytes:
+                self._evict(next(iter(self._entries.values())))
+            e = Entry(ids, kv, nbytes, hashes)
+            self._entries[id(e)] = e
+            for h in hashes:
+                self._index[h] = e
+            self.stats.stores += 1
+            self.stats.bytes += nbytes
+            self.stats.entries = len(self._entries)
+            return True
+
+    def _evict(self, e: Entry) -> None:
+        del self._entries[id(e)]
+        for h in e.hashes:
+            if self._index.get(h) is e:
+                del self._index[h]
+        self.stats.evictions += 1
+        self.stats.bytes -= e.nbytes
+        self.stats.entries = len(self._entries)
+
+
+# -- forwards against a stored prefix ----------------------------------------------------------------------------------
+
+def kv_of(cache: Any, row: int, start: int, length: int) -> KV:
+    """Compact copies of one row's KV over positions [start, start + length) of a model output's cache."""
+    return [(layer.keys[row:row + 1, :, start:start + length].clone(),
+             layer.values[row:row + 1, :, start:start + length].clone()) for layer in cache.layers]
+
+
+def dynamic_cache(kv: KV, length: int) -> Any:
+    """A fresh ``DynamicCache`` over the first ``length`` tokens of stored KV (the stored tensors are not changed:
+    the forward concatenates into new ones)."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k[:, :, :length], v[:, :, :length]) for k, v in kv])
+
+
+def run_tail(rm: RewardModel, kv: KV, m: int, tail: Sequence[int]) -> tuple[torch.Tensor, Any]:
+    """One item's tokens after a stored prefix of ``m`` tokens. Returns (hidden state of its last token (H,), the
+    cache after the forward, covering m + len(tail) tokens)."""
+    dev = rm.device
+    cache = dynamic_cache(kv, m)
+    ids = torch.tensor([list(tail)], dtype=torch.long, device=dev)
+    pos = torch.arange(m, m + len(tail), device=dev)[None]
+    mask = torch.ones((1, m + len(tail)), dtype=torch.long, device=dev)
+    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, **{CACHE_KW: cache}, use_cache=True)
+    return out.last_hidden_state[0, -1], output_cache(out)
+
+
+def run_tails_packed(rm: RewardModel, kv: KV, m: int, tails: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Several items' tokens after one stored prefix of ``m`` tokens, packed in one row (block mask, positions
+    restarting at ``m``). Returns each one's last hidden state, (n, H)."""
+    dev = rm.device
+    lens = [len(t) for t in tails]
+    total = sum(lens)
+    ids = torch.tensor([[t for tail in tails for t in tail]], dtype=torch.long, device=dev)  # (1, S)
+    pos = torch.cat([torch.arange(m, m + n) for n in lens])[None].to(dev)  # (1, S)
+    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # (S,)
+    ar = torch.arange(total)
+    own = (seg[:, None] == seg[None, :]) & (ar[:, None] >= ar[None, :])  # (S, S) causal within an item
+    allowed = torch.cat([torch.ones((total, m), dtype=torch.bool), own], dim=1)  # (S, m + S)
+    mask = torch.zeros((1, 1, total, m + total), dtype=rm.dtype)
+    mask.masked_fill_(~allowed[None, None], torch.finfo(rm.dtype).min)
+    out = rm.body(input_ids=ids, attention_mask=mask.to(dev), position_ids=pos, **{CACHE_KW: dynamic_cache(kv, m)},
+                  use_cache=True)
+    last = torch.tensor(lens).cumsum(0) - 1
+    return out.last_hidden_state[0, last.to(dev)]  # (n, H)

@@ -1,0 +1,150 @@
+"""The prompt KV cache across batches: exact rewards (chat and plain text, left/right padding, padding-free, GPT-2
+and Llama), reuse across batches, LRU eviction under a byte budget, head swaps, and dense items left alone."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewardkit.core import abc
+from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
+from rewardkit.core.loading import RewardModel, load_reward_model
+from rewardkit.core.prefix_cache import PrefixKVCache, block_hashes, prompt_len
+from rewardkit.core.scoring import Scorer, reference_score
+
+ATOL, RTOL = 1e-5, 1e-4
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog. What is the capital of France? Paris, Berlin, Madrid, "
+           "Rome, Lisbon, Vienna and Warsaw are European capitals. Please answer in exactly three words.",
+           "Convert 3 kilometres to metres, then 7 metres to centimetres, and say which is larger. " * 2]
+COMPLETIONS = ["Paris.", "The capital of France is Paris, I hope this helps! Great question.",
+               "Twelve plus thirty is forty-two. 12 + 30 = 42. 7 * 8 = 56. " * 2, "x", ""]
+
+
+def chat_items(rm: RewardModel) -> list[EncodedItem]:
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    return [fmt.encode(ScoreItem(prompt=p, response=c)) for p in PROMPTS for c in COMPLETIONS]
+
+
+def text_items(rm: RewardModel) -> list[EncodedItem]:
+    """Plain text, prompt and response in one string (OpenRLHF's ``query``): no response start."""
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    return [fmt.encode(ScoreItem(text=f"Question: {p}\nAnswer: {c}")) for p in PROMPTS for c in COMPLETIONS]
+
+
+def one_per_batch(scorer: Scorer, items: list[EncodedItem]) -> list[float]:
+    """Every item in its own batch, as single-item requests arriving one after another."""
+    return [scorer.score([it])[0].reward for it in items]
+
+
+@pytest.mark.parametrize("kind", ["chat", "text"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("layout", ["left", "right", "padding_free"])
+def test_cached_rewards_equal_full_forwards(kind: str, arch: str, layout: str, tiny_llama_dir: Path,
+                                            tiny_gpt2_dir: Path) -> None:
+    rm = load_reward_model(tiny_llama_dir if arch == "llama" else tiny_gpt2_dir)
+    items = chat_items(rm) if kind == "chat" else text_items(rm)
+    random.Random(3).shuffle(items)
+    ref = [reference_score(rm, e) for e in items]
+    scorer = Scorer(rm, padding_side="right" if layout == "padding_free" else layout,
+                    padding_free=layout == "padding_free", prefix_cache_bytes=64 << 20)
+    assert scorer.kv is not None
+    got = one_per_batch(scorer, items)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=ATOL, rtol=RTOL)
+    st = scorer.kv.stats
+    # two prompts: the first item of each stores it; its mates (other batches) reuse it
+    assert st.hits >= len(items) - 2 - (2 if kind == "text" else 0), st
+    assert st.stores >= 2 and st.tokens_saved > 0 and st.entries == st.stores
+    # mixed batches with hits and misses (and in-batch groups) still match
+    got2 = [s.reward for b in (items[:4], items[4:]) for s in scorer.score(b)]
+    torch.testing.assert_close(torch.tensor(got2), torch.tensor(ref), atol=ATOL, rtol=RTOL)
+
+
+def test_a_group_stores_once_and_mates_hit(tiny_llama_dir: Path) -> None:
+    rm = load_reward_model(tiny_llama_dir)
+    items = chat_items(rm)[:5]  # one prompt, K = 5
+    scorer = Scorer(rm, padding_free=True, prefix_cache_bytes=64 << 20)
+    assert scorer.kv is not None
+    one_per_batch(scorer, items)
+    st = scorer.kv.stats
+    assert (st.stores, st.hits, st.misses) == (1, 4, 1)
+    p = prompt_len(items[0])
+    assert p is not None and st.tokens_saved == 4 * p  # every mate skipped the whole prompt
+    entry = next(iter(scorer.kv._entries.values()))
+    assert entry.ids == items[0].input_ids[:p]  # the prompt part only, not the completion
+
+
+def test_eviction_is_lru_and_bytes_stay_under_the_budget(tiny_llama_dir: Path) -> None:
+    rm = load_reward_model(tiny_llama_dir)
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    prompts = [f"Prompt number {i}: " + "describe the weather in detail please. " * 4 for i in range(6)]
+    first = [fmt.encode(ScoreItem(prompt=p, response="ok")) for p in prompts]
+    probe = Scorer(rm, padding_free=True, prefix_cache_bytes=1 << 30)
+    one_per_batch(probe, first[:1])
+    assert probe.kv is not None
+    one_entry = probe.kv.stats.bytes
+    scorer = Scorer(rm, padding_free=True, prefix_cache_bytes=int(2.5 * one_entry))  # room for two
+    assert scorer.kv is not None
+    one_per_batch(scorer, first[:2])
+    one_per_batch(scorer, first[:1])  # touch prompt 0: prompt 1 is now the least recently used
+    one_per_batch(scorer, first[2:3])  # a third prompt evicts prompt 1
+    st = scorer.kv.stats
+    assert st.evictions == 1 and st.entries == 2 and st.bytes <= scorer.kv.max_bytes
+    mate = lambda i: fmt.encode(ScoreItem(prompt=prompts[i], response="a different answer"))  # noqa: E731
+    p0, p1 = prompt_len(mate(0)), prompt_len(mate(1))
+    assert p0 is not None and p1 is not None
+    saved = st.tokens_saved
+    one_per_batch(scorer, [mate(0)])
+    assert scorer.kv.stats.tokens_saved == saved + p0  # kept: the whole prompt reused
+    saved = scorer.kv.stats.tokens_saved
+    one_per_batch(scorer, [mate(1)])
+    assert scorer.kv.stats.tokens_saved - saved < p1 // 2  # evicted: at most the shared system prompt reused
+    for i in range(6):  # many prompts: the budget holds
+        one_per_batch(scorer, [first[i]])
+        assert scorer.kv.stats.bytes <= scorer.kv.max_bytes
+    tiny = Scorer(rm, padding_free=True, prefix_cache_bytes=one_entry // 2)  # smaller than one entry: never stored
+    got = one_per_batch(tiny, first[:2])
+    assert tiny.kv is not None and tiny.kv.stats.entries == 0
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([reference_score(rm, e) for e in first[:2]]),
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_head_swap_needs_no_invalidation(tiny_llama_dir: Path) -> None:
+    """The cache holds keys and values of the body, never rewards: after the head changes, hits give the new head's
+    rewards."""
+    rm = load_reward_model(tiny_llama_dir)
+    items = chat_items(rm)[:5]
+    scorer = Scorer(rm, padding_free=True, prefix_cache_bytes=64 << 20)
+    one_per_batch(scorer, items[:1])
+    with torch.no_grad():
+        rm.head.weight.mul_(-2.0)
+    got = one_per_batch(scorer, items[1:])
+    assert scorer.kv is not None and scorer.kv.stats.hits == 4
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([reference_score(rm, e) for e in items[1:]]),
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_dense_items_take_the_plain_path(tiny_llama_dir: Path) -> None:
+    rm = load_reward_model(tiny_llama_dir)
+    items = chat_items(rm)[:3]
+    scorer = Scorer(rm, padding_free=True, prefix_cache_bytes=64 << 20)
+    out = scorer.score(items, dense=[True] * 3, abc_layers=abc.resolve_layers(rm, abc.AbcOptions()))
+    assert all(s.attention is not None for s in out)
+    assert scorer.kv is not None and scorer.kv.stats.hits + scorer.kv.stats.misses == 0  # not looked up
+
+
+def test_collisions_are_checked_on_ids() -> None:
+    cache = PrefixKVCache(1 << 20, block=4, min_prefix=4)
+    kv = [(torch.zeros(1, 1, 8, 2), torch.zeros(1, 1, 8, 2))]
+    assert cache.put(list(range(8)), kv)
+    bad = list(range(8))
+    cache._index[block_hashes([9, 9, 9, 9], 4, 4)[0]] = next(iter(cache._entries.values()))  # forge a collision
+    assert cache.lookup([9, 9, 9, 9, 1], 5) is None
+    m = cache.lookup(bad[:6] + [42, 43], 8)
+    assert m is not None and m.length == 6  # extended past the block boundary (4) to the common prefix
+    assert cache.lookup(bad, 3) is None  # limit below min_prefix
+    with pytest.raises(ValueError):
+        PrefixKVCache(0)
