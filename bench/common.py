@@ -122,6 +122,22 @@ request = function()
 end
 """
 
+# Every body once per cycle across wrk's threads (thread t sends t, t + T, t + 2T, ...): no item is sent twice in a
+# row by two threads, and a body list longer than the run never repeats (a KV or score cache would see repeats).
+WRK_LUA_SPREAD = r"""
+local threads = 0
+function setup(thread) thread:set("tid", threads); threads = threads + 1 end
+local bodies = {}
+for line in io.lines(os.getenv("RK_BODIES")) do bodies[#bodies + 1] = line end
+local n = tonumber(os.getenv("RK_THREADS"))
+local i = nil
+request = function()
+  if i == nil then i = tid else i = i + n end
+  return wrk.format("POST", os.getenv("RK_PATH") or "/get_reward", {["Content-Type"] = "application/json"},
+                    bodies[i % #bodies + 1])
+end
+"""
+
 
 def _wrk_seconds(tok: str) -> float:
     units = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
@@ -131,10 +147,12 @@ def _wrk_seconds(tok: str) -> float:
     return float(tok)
 
 
-def drive_wrk(url: str, bodies: list[str], concurrency: int, seconds: int, tmp: Path) -> dict[str, Any]:
+def drive_wrk(url: str, bodies: list[str], concurrency: int, seconds: float, tmp: Path,
+              spread: bool = False) -> dict[str, Any]:
     """Closed-loop load with wrk (C, cheap per request, so the load generator is not the bottleneck on 2 cores).
 
-    Each connection sends single-item requests back to back, cycling through ``bodies``.
+    Each connection sends single-item requests back to back, cycling through ``bodies`` (``spread``: each body
+    once per cycle over all threads, in order, see ``WRK_LUA_SPREAD``).
     """
     import re
     import shutil
@@ -143,8 +161,8 @@ def drive_wrk(url: str, bodies: list[str], concurrency: int, seconds: int, tmp: 
     if exe is None:
         raise RuntimeError("wrk not installed (apt-get install wrk); or run with --driver httpx")
     (tmp / "bodies.jsonl").write_text("\n".join(bodies) + "\n")
-    (tmp / "rk.lua").write_text(WRK_LUA)
-    env = {**os.environ, "RK_BODIES": str(tmp / "bodies.jsonl")}
+    (tmp / "rk.lua").write_text(WRK_LUA_SPREAD if spread else WRK_LUA)
+    env = {**os.environ, "RK_BODIES": str(tmp / "bodies.jsonl"), "RK_THREADS": "2"}
     out = subprocess.run([exe, "-t", "2", "-c", str(concurrency), "-d", f"{seconds}s", "--latency", "--timeout", "60s",
                           "-s", str(tmp / "rk.lua"), url], capture_output=True, text=True, env=env, check=True).stdout
     reqs = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]

@@ -103,7 +103,7 @@ def test_routers_do_not_import_each_other_and_core_not_the_server() -> None:
 
 
 def test_module_and_function_sizes() -> None:
-    for m, p in _modules().items():
+    for _m, p in _modules().items():
         text = p.read_text()
         rel = str(p.relative_to(ROOT))
         assert text.count("\n") <= 800, f"{rel}: {text.count(chr(10))} lines"

@@ -17,7 +17,8 @@ import torch
 from rewardkit.core.formatting import EncodedItem
 from rewardkit.core.loading import RewardModel
 
-__all__ = ["ItemScore", "normalise", "pad_batch", "plain_forward", "reward_index", "reward_indices", "scores_from_hidden"]
+__all__ = ["ItemScore", "normalise", "pad_batch", "plain_forward", "reward_index", "reward_indices", "reward_position",
+           "scores_from_hidden"]
 
 
 @dataclasses.dataclass
@@ -56,6 +57,15 @@ def reward_index(ids: Sequence[int], pad_token_id: int, rule: str) -> int:
     """Where the reward is read in one unpadded item: :func:`reward_indices` for a single row (0 if all pad)."""
     t = torch.tensor([list(ids)], dtype=torch.long)
     return int(reward_indices(t, torch.ones_like(t), pad_token_id, rule)[0])
+
+
+def reward_position(ids: Sequence[int], pad_token_id: int, rule: str) -> int:
+    """:func:`reward_index` in plain Python (no tensors: per-item bookkeeping on the serving path)."""
+    if rule == "last_attended":
+        return len(ids) - 1 if ids else 0
+    if rule != "transformers":
+        raise ValueError(f"unknown reward_token_rule {rule!r}")
+    return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] != pad_token_id), 0)
 
 
 def pad_batch(items: Sequence[EncodedItem], pad_token_id: int, padding_side: str, device: torch.device

@@ -35,8 +35,8 @@ from rewardkit.core.forward import (
     normalise,
     pad_batch,
     plain_forward,
-    reward_index,
     reward_indices,
+    reward_position,
     scores_from_hidden,
 )
 from rewardkit.core.loading import RewardModel
@@ -111,9 +111,10 @@ class Scorer:
         forward); the others take the usual paths and store their prompt's KV. Results in the order of ``items``."""
         assert self.kv is not None
         rm, kv = self.rm, self.kv
-        ridx = [reward_index(it.input_ids, rm.pad_token_id, rm.meta.reward_token_rule) for it in items]
+        ridx = [reward_position(it.input_ids, rm.pad_token_id, rm.meta.reward_token_rule) for it in items]
         matches = [kv.lookup(it.input_ids, r) for it, r in zip(items, ridx, strict=True)]
-        store = {id(it): n for it, r, mt in zip(items, ridx, matches, strict=True) if (n := kv.store_len(it, r, mt))}
+        store = {id(it): n for it, r, mt in zip(items, ridx, matches, strict=True)
+                 if (n := kv.store_len(it, r, mt)) and kv.admit()}
         out: list[ItemScore | None] = [None] * len(items)
         by_entry: dict[tuple[int, int], list[int]] = {}
         for i, mt in enumerate(matches):

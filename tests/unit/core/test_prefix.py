@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
-from rewardkit.core.forward import reward_index
+from rewardkit.core.forward import reward_index, reward_position
 from rewardkit.core.loading import RewardModel, load_reward_model
 from rewardkit.core.prefix import PrefixGroup, find_prefix_groups, probe_support
 from rewardkit.core.scoring import Scorer, reference_score
@@ -93,6 +93,11 @@ def test_reward_index_rules() -> None:
     assert reward_index([5, 6, 9, 9], 9, "transformers") == 1
     assert reward_index([9, 9], 9, "transformers") == 0
     assert reward_index([5, 6, 9, 9], 9, "last_attended") == 3
+    rng = random.Random(5)
+    for _ in range(200):  # the plain-Python twin agrees with the tensor rule
+        ids = [rng.choice([5, 6, 9]) for _ in range(rng.randint(1, 6))]
+        for rule in ("transformers", "last_attended"):
+            assert reward_position(ids, 9, rule) == reward_index(ids, 9, rule), (ids, rule)
 
 
 # -- exactness -----------------------------------------------------------------------------------------------------

@@ -148,3 +148,17 @@ def test_collisions_are_checked_on_ids() -> None:
     assert cache.lookup(bad, 3) is None  # limit below min_prefix
     with pytest.raises(ValueError):
         PrefixKVCache(0)
+
+
+def test_admission_is_sampled_when_stores_bring_no_reuse() -> None:
+    from rewardkit.core.prefix_cache import ADMIT_SAMPLE, ADMIT_WINDOW
+
+    cache = PrefixKVCache(1 << 30, block=4, min_prefix=4)
+    kv = [(torch.zeros(1, 1, 8, 2), torch.zeros(1, 1, 8, 2))]
+    for i in range(ADMIT_WINDOW):  # K = 1 traffic: every store is a new prompt
+        assert cache.admit()
+        cache.put([1000 + i] * 8, kv)
+    admitted = sum(cache.admit() for _ in range(10 * ADMIT_SAMPLE))
+    assert admitted == 10
+    assert cache.lookup([1000] * 8 + [1], 9) is not None  # a reuse: every candidate is admitted again
+    assert all(cache.admit() for _ in range(5))
