@@ -19,10 +19,12 @@ ratio cache-on / cache-off.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -54,6 +56,27 @@ def kv_counters(url: str) -> dict[str, float]:
             else 0.0 for name in ("hits", "misses", "tokens_saved")}
 
 
+def wait_idle(pid: int, timeout: float = 120.0) -> float:
+    """Wait until a server process stops using the CPU (a sequential server keeps working through requests wrk
+    left behind; the next server's run must not share the cores with that backlog). Returns the seconds waited."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu() -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / tick
+
+    t0 = time.monotonic()
+    last = cpu()
+    while time.monotonic() - t0 < timeout:
+        time.sleep(0.5)
+        now = cpu()
+        if now - last < 0.05:  # under 10% of one core over half a second
+            break
+        last = now
+    return time.monotonic() - t0
+
+
 def start_servers(model: str | None, tmp: Path, name: str) -> dict[str, tuple[str, object]]:
     margs = [] if model is None else ["--model", model]
     out = {}
@@ -80,6 +103,7 @@ def run_cell(servers: dict[str, tuple[str, object]], model: str | None, name: st
             url = servers[label][0]
             before = kv_counters(url) if label != "naive" else None
             res = drive_wrk(url, bodies, conc, seconds, tmp, spread=True)
+            wait_idle(servers[label][1].pid)  # type: ignore[attr-defined]
             after = kv_counters(url) if label != "naive" else None
             served = res["requests"] * tokens / len(texts)
             row = {"tokens_per_s": served / res["wall_s"], "p50_ms": res["p50_s"] * 1e3, "p99_ms": res["p99_s"] * 1e3,
@@ -123,6 +147,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=10, help="wrk duration per run (SmolLM2: x2)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=str(ROOT / "bench/results/grpo_http.json"))
+    ap.add_argument("--append", action="store_true", help="add the cells to those already in --json (other models)")
     a = ap.parse_args()
     if a.quick:
         a.models, a.ks, a.concurrency, a.seconds, a.repeats = "tiny", "1,8", "16", 5, 1
@@ -130,7 +155,11 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="rk-grpo-http-"))
     models = {"tiny": str(make_tiny_reward_model(tmp / "tiny", arch="llama", hidden=64, layers=2)), "smollm2": None}
-    cells = []
+    cells: list[dict[str, object]] = []
+    if a.append and Path(a.json).exists():
+        import json
+
+        cells = [c for c in json.loads(Path(a.json).read_text())["cells"] if c["model"] not in a.models.split(",")]
     for name in a.models.split(","):
         model = models[name]
         seconds = a.seconds * (2 if name == "smollm2" else 1)

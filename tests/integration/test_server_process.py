@@ -78,3 +78,35 @@ def test_trainer_adapters(server: ServerProcess) -> None:
         orl = make_openrlhf_reward_func(rk)
         q = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"]
         assert orl(q, ["<|im_start|>user\nhi<|im_end|>\n"]) == pytest.approx(rk.score(texts=q), rel=1e-6)
+
+
+def _kv_metric(url: str, name: str) -> float:
+    import re
+
+    m = re.search(rf"^rewardkit_prefix_kv_cache_{name} (\S+)", httpx.get(url + "/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_grpo_mates_in_separate_requests_reuse_the_prompt_kv(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Issue 19: single-item requests (OpenRLHF's query shape and the native API), one after another, so every
+    mate lands in its own batch. The first of each group stores its prompt; the others reuse it; rewards equal the
+    plain single forward; the byte gauge stays under the budget."""
+    rm = load_reward_model(tiny_llama_dir)
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    prompts = [f"Group {g}: please explain, step by step, how a careful reviewer weighs evidence. " * 3
+               for g in range(3)]
+    items = [ScoreItem(prompt=p, response=f"answer {k} " * (k + 1)) for p in prompts for k in range(4)]
+    texts = [fmt.render(it)[0] for it in items]
+    want = [reference_score(rm, fmt.encode(ScoreItem(text=t))) for t in texts]
+    with ServerProcess(tiny_llama_dir, tmp_path, "--max-length", "512", "--prefix-cache-mb", "1") as srv:
+        got = [httpx.post(srv.url + "/get_reward", json={"query": [t]}).json()["rewards"][0] for t in texts]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert _kv_metric(srv.url, "hits_total") == 9  # 3 groups x 3 mates
+        assert _kv_metric(srv.url, "stores_total") == 3
+        assert 0 < _kv_metric(srv.url, "bytes") <= 2**20
+        with RewardClient(srv.url) as rk:  # the native API, chat items: the prompt part is what is stored
+            native = rk.score(prompts=[it.prompt for it in items], responses=[it.response for it in items])
+        assert native == pytest.approx(want, rel=1e-4, abs=1e-5)
+    with ServerProcess(tiny_llama_dir, tmp_path, "--max-length", "512", "--prefix-cache-mb", "0") as off:
+        assert httpx.post(off.url + "/get_reward", json={"query": texts[:2]}).status_code == 200
+        assert _kv_metric(off.url, "hits_total") == 0

@@ -63,14 +63,20 @@ def check_service(request: Request) -> RewardService:
 
 def check_key(keys: list[bytes], header: str | None) -> bool:
     """Constant-time comparison against every configured key (no early exit on the first match)."""
+    return matched_key(keys, header) is not None
+
+
+def matched_key(keys: list[bytes], header: str | None) -> bytes | None:
+    """The configured key a ``Bearer`` header carries, or None; compares against every key in constant time."""
     scheme, _, token = (header or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():  # the auth scheme is case-insensitive (RFC 9110 11.1)
-        return False
+        return None
     given = token.strip().encode()
-    ok = False
+    found: bytes | None = None
     for k in keys:
-        ok |= hmac.compare_digest(given, k)
-    return ok
+        if hmac.compare_digest(given, k):
+            found = k
+    return found
 
 
 def check_api_key(request: Request) -> None:

@@ -55,6 +55,11 @@ class Unauthorized(ServerError):
     type = "unauthorized"
 
 
+class Forbidden(ServerError):
+    status = 403
+    type = "forbidden"
+
+
 class NotFound(ServerError):
     status = 404
     type = "not_found"

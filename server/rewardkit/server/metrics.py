@@ -208,6 +208,17 @@ class Metrics:
             "Tokens not recomputed thanks to prefix reuse.",
             registry=r,
         )
+        # per run (x-rewardkit-run / run_id; at most max_runs series, then run="other"), set at scrape time
+        self.run_gauges = {name: Gauge(f"rewardkit_run_{name}", doc, ["model", "run"], registry=r) for name, doc in (
+            ("drift_psi", "Reward PSI of one run's window against that run's own first rewards."),
+            ("drift_ks", "Reward two-sample KS statistic, one run against its own start."),
+            ("drift_mean_shift", "Window mean minus the run's reference mean, in reference standard deviations."),
+            ("reward_length_correlation", "Pearson correlation of reward and response length within one run."),
+            ("collapsed_group_share", "Share of one run's groups whose rewards do not vary."),
+            ("reward_window_mean", "Mean reward over one run's drift window."),
+            ("items", "Items scored for one run (since the server started)."),
+            ("step", "Last trainer step a run sent (x-rewardkit-step / step)."),
+            ("drift_samples", "Rewards in one run's drift window."))}
         # prompt KV cache across requests (rewardkit.core.prefix_cache)
         kv = "rewardkit_prefix_kv_cache"
         self.kv_cache_counters = {name: Counter(f"{kv}_{name}_total", doc, registry=r) for name, doc in (
@@ -370,6 +381,15 @@ class Metrics:
         """Count items that reused a prompt's KV cache and the tokens that saved."""
         self.prefix_cache_hits_total.inc(hits)
         self.prefix_cache_saved_tokens_total.inc(saved_tokens)
+
+    def update_run(self, model: str, run: str, snapshot: DriftSnapshot, items: int, step: int | None) -> None:
+        """One run's drift snapshot and counters into the ``rewardkit_run_*`` gauges (undefined: NaN)."""
+        values = {"drift_psi": snapshot.psi, "drift_ks": snapshot.ks, "drift_mean_shift": snapshot.mean_shift,
+                  "reward_length_correlation": snapshot.reward_length_corr,
+                  "collapsed_group_share": snapshot.collapsed_group_share, "reward_window_mean": snapshot.mean_current,
+                  "items": items, "step": step, "drift_samples": snapshot.n_current}
+        for name, value in values.items():
+            self.run_gauges[name].labels(model=model, run=run).set(math.nan if value is None else float(value))
 
     def observe_kv_cache(self, before: Any, after: Any) -> None:
         """The prompt KV cache's counters moved from ``before`` to ``after`` (``KVCacheStats`` snapshots)."""

@@ -4,7 +4,9 @@
   unmatched paths count as ``other``) and status, and times it (``rewardkit_requests_total``,
   ``rewardkit_request_duration_seconds``); it sees the 413s and 401s of the layers inside it.
 - `BodyLimitMiddleware`: 413 before a body over ``max_body_bytes`` is buffered.
-- `AuthMiddleware`: 401 before the body is read, when API keys are set.
+- `AuthMiddleware`: 401 before the body is read, when API keys are set; it also reads the run headers
+  (``x-rewardkit-run``, ``x-rewardkit-step``: 422 when malformed) into ``runs.RUN`` and the key's run binding into
+  ``runs.RUN_PREFIX``.
 - `DisconnectMiddleware`: cancels a handler whose client went away (499 in the metrics).
 """
 
@@ -17,9 +19,10 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from rewardkit.server.deps import AppState, check_key
-from rewardkit.server.errors import error_body
+from rewardkit.server.deps import AppState, matched_key
+from rewardkit.server.errors import BadRequest, error_body
 from rewardkit.server.protocol import MAX_ITEMS
+from rewardkit.server.runs import RUN, RUN_PREFIX, tag_from_headers
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,12 @@ class AuthMiddleware:
                        send: Callable[[Message], Awaitable[None]]) -> None:
         settings = self.state.settings
         MAX_ITEMS.set(settings.max_items_per_request)  # read by the request schemas' count checks (this task only)
+        if scope["type"] == "http":
+            try:
+                RUN.set(tag_from_headers(scope.get("headers", [])))  # this request's task only
+            except BadRequest as exc:
+                await self._answer(send, 422, error_body(exc.type, exc.message, exc.field))
+                return
         keys = settings.key_values() if scope["type"] == "http" else []
         path = scope.get("path", "")
         if not keys or path in self.OPEN or (path == "/metrics" and not settings.metrics_require_auth) or (
@@ -174,14 +183,22 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"), None)
-        if check_key(keys, header):
+        key = matched_key(keys, header)
+        if key is not None:
+            RUN_PREFIX.set(settings.key_run_prefix(key))
             await self.app(scope, receive, send)
             return
-        body = json.dumps(error_body("unauthorized", "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                     None)).encode()
-        await send({"type": "http.response.start", "status": 401,
+        await self._answer(send, 401, error_body(
+            "unauthorized", "missing or invalid API key: send 'Authorization: Bearer <key>'", None),
+            [(b"www-authenticate", b"Bearer")])
+
+    @staticmethod
+    async def _answer(send: Callable[[Message], Awaitable[None]], status: int, payload: dict[str, Any],
+                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
+                                *(extra or [])]})
         await send({"type": "http.response.body", "body": body})
 
 

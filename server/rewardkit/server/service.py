@@ -31,6 +31,7 @@ from rewardkit.core.prefix import prefix_key
 from rewardkit.core.scoring import ItemScore, Scorer
 from rewardkit.server.drift import DriftMonitor
 from rewardkit.server.errors import BadRequest, NotReady, Overloaded, PayloadTooLarge
+from rewardkit.server.runs import RUN, RUN_HEADER, RUN_PREFIX, RunRegistry, check_prefix
 from rewardkit.server.scheduler import DeadlineExceeded, QueueFull, Scheduler
 from rewardkit.server.settings import Settings
 from rewardkit.server.state import CachedScore, RedisState, cache_key
@@ -77,6 +78,11 @@ class RewardService:
             window=settings.drift_window, reference_size=settings.drift_reference_size, bins=settings.drift_bins,
             collapse_eps=settings.drift_collapse_eps, min_samples=settings.drift_min_samples,
         ) if settings.drift_enabled else None
+        # per-run drift (rewardkit.server.runs): each run named by x-rewardkit-run / run_id against its own start
+        self.runs: RunRegistry | None = RunRegistry(settings.max_runs, lambda: DriftMonitor(
+            window=settings.drift_window, reference_size=settings.drift_reference_size, bins=settings.drift_bins,
+            collapse_eps=settings.drift_collapse_eps, min_samples=settings.drift_min_samples,
+        )) if settings.drift_enabled else None
         self.state: RedisState | None = None  # set by the app when settings.redis_url is given
         self._group_ns = uuid.uuid4().hex[:8]  # group ids stay unique when replicas' windows are merged
         self._request_seq = itertools.count()
@@ -152,6 +158,7 @@ class RewardService:
     async def score(self, items: Sequence[ScoreItem], truncate: bool | None = None, field: str = "items"
                     ) -> list[ScoredItem]:
         t0 = time.monotonic()
+        check_prefix(RUN.get(), RUN_PREFIX.get(), RUN_HEADER)
         encs = self.encode(items, truncate, field)
         scores = await self.score_cached(encs)
         if self.metrics is not None:
@@ -204,7 +211,11 @@ class RewardService:
             count[p] = count.get(p, 0) + 1
         groups = [f"{self._group_ns}:{seq}:{first[p]}" if p and count[p] > 1 else None for p in prefixes]
         lengths = [len(e.response_token_indices()) for e in encs]
-        self.drift.observe([s.reward for s in scores], lengths, groups)
+        rewards = [s.reward for s in scores]
+        self.drift.observe(rewards, lengths, groups)
+        tag = RUN.get()
+        if tag is not None and self.runs is not None:
+            self.runs.observe(tag, rewards, lengths, groups)
 
     def swap_scalar_head(self, model_id: str, version: str, weights: bytes) -> bool:
         """Install a published scalar head (safetensors with ``weight`` [and ``bias``], the head's shapes).
@@ -253,6 +264,7 @@ class RewardService:
                      ) -> list[tuple[EncodedItem, ItemScore, DenseResult, list[tuple[int, int]] | None]]:
         """Encode, validate caller spans (before any model work), score with rows, build the dense vectors."""
         t0 = time.monotonic()
+        check_prefix(RUN.get(), RUN_PREFIX.get(), RUN_HEADER)
         encs = self.encode(items, truncate, field)
         spans: list[list[tuple[int, int]] | None] = []
         for i, enc in enumerate(encs):

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     """Every knob of the server. Defaults are safe for a single-host RL run."""
 
     model_config = SettingsConfigDict(env_prefix="REWARDKIT_", extra="ignore")
+    _key_runs: dict[bytes, str] = PrivateAttr(default_factory=dict)  # API key -> run prefix it is bound to
 
     # model
     model: str | None = Field(None, description="reward model: HF dir, rewardkit checkpoint, .gguf, hub id; None = embedded default")
@@ -63,7 +64,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="bearer keys (env: comma-separated or a JSON list)")
-    api_keys_file: Path | None = Field(None, description="file with one API key per line")
+    api_keys_file: Path | None = Field(None, description=(
+        "file with one API key per line; 'KEY run=PREFIX' binds a key to runs whose id starts with PREFIX"))
     metrics_require_auth: bool = False
     docs_require_auth: bool = Field(True, description="with API keys set, /docs, /redoc and /openapi.json need a key "
                                     "too; false keeps them open")
@@ -85,6 +87,9 @@ class Settings(BaseSettings):
     drift_bins: int = Field(10, ge=2, le=100, description="quantile bins of the PSI")
     drift_collapse_eps: float = Field(1e-3, ge=0, description="group collapse threshold, relative to the window std")
     drift_min_samples: int = Field(100, ge=2, description="statistics are null below this many rewards")
+    max_runs: int = Field(32, ge=1, le=10_000, description=(
+        "distinct runs (x-rewardkit-run / run_id) with their own drift monitor and Prometheus series; later runs "
+        "are counted as 'other'"))
     drift_sync_interval_s: float = Field(5.0, gt=0, description="how often a replica pushes its window to Redis")
     state_dir: Path = Field(Path("./rewardkit-state"), description="R2M heads and other server state")
     # -- R2M online alignment (rewardkit.server.r2m; docs/r2m.md) --
@@ -137,6 +142,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"api_keys_file {self.api_keys_file} does not exist")
             extra = [line.strip() for line in self.api_keys_file.read_text().splitlines() if line.strip()
                      and not line.startswith("#")]
+            for i, line in enumerate(extra):
+                key, *opts = line.split()
+                for opt in opts:
+                    name, _, value = opt.partition("=")
+                    if name != "run" or not value:
+                        raise ValueError(f"api_keys_file line {i + 1}: unknown option {opt!r} (expected run=PREFIX)")
+                    self._key_runs[key.encode()] = value
+                extra[i] = key
             self.api_keys = [*self.api_keys, *(SecretStr(k) for k in extra)]
         for k in self.api_keys:
             if len(k.get_secret_value()) < 8:
@@ -148,6 +161,10 @@ class Settings(BaseSettings):
 
     def key_values(self) -> list[bytes]:
         return [k.get_secret_value().encode() for k in self.api_keys]
+
+    def key_run_prefix(self, key: bytes) -> str | None:
+        """The run prefix a key is bound to (``KEY run=PREFIX`` in the keys file), or None."""
+        return self._key_runs.get(key)
 
     def is_loopback(self) -> bool:
         if self.host in ("localhost",):

@@ -553,3 +553,27 @@ def test_async_retry_after_and_no_retry_on_500() -> None:
 
     assert 0.1 <= asyncio.run(main()) < 1.0
     assert len(server.requests) == 2
+
+
+def test_run_id_and_step_travel_as_headers(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24: the client names its run on every request; the step follows client.step."""
+    from rewardkit.client import AsyncRewardClient
+
+    rk = RewardClient(URL, transport=httpx.MockTransport(server), run_id="exp-7/seed:1")
+    rk.score(texts=["a"])
+    rk.step = 12
+    rk.score(texts=["b"])
+    h = [r.headers for r in server.requests]
+    assert h[0]["x-rewardkit-run"] == "exp-7/seed:1" and "x-rewardkit-step" not in h[0]
+    assert h[1]["x-rewardkit-step"] == "12"
+    plain = RewardClient(URL, transport=httpx.MockTransport(server))
+    plain.score(texts=["c"])
+    assert "x-rewardkit-run" not in server.requests[-1].headers
+    with pytest.raises(ValueError, match="run_id"):
+        RewardClient(URL, run_id="has space")
+    with pytest.raises(ValueError, match="needs run_id"):
+        RewardClient(URL, step=3)
+    with pytest.raises(ValueError, match="step"):
+        rk.step = -1
+    monkeypatch.setenv("REWARDKIT_RUN", "from-env")
+    assert RewardClient(URL).run_id == "from-env" and AsyncRewardClient(URL).run_id == "from-env"

@@ -146,8 +146,14 @@ def test_bad_frame_mid_stream_names_the_frame_and_keeps_earlier_frames(client: T
     e = _err(r).error
     assert "frame 2" in e.message and f"{kept} earlier good frames were accepted" in e.message
     assert e.field is not None and e.field.startswith(field.split(".")[0])
-    after = R2MStatus.model_validate(client.get("/v1/r2m/status").json())
-    assert after.pending_frames == before.pending_frames + kept  # the good frames wait for their group
+    # the good frames wait for their group; the updater thread reads them from the queue a moment later
+    deadline = time.monotonic() + 10
+    while True:
+        after = R2MStatus.model_validate(client.get("/v1/r2m/status").json())
+        if after.pending_frames == before.pending_frames + kept or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert after.pending_frames == before.pending_frames + kept
 
 
 def test_content_type_and_empty_rewards(client: TestClient) -> None:

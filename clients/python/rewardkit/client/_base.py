@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -51,6 +52,8 @@ DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "REWARDKIT_API_KEY"
 URL_ENV = "REWARDKIT_URL"
+RUN_ENV = "REWARDKIT_RUN"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$")  # the server's rule (rewardkit.server.runs)
 
 Item = dict[str, Any]
 Spans = Sequence[Sequence[int]]
@@ -124,6 +127,8 @@ class _BaseRewardClient:
         failover_cooldown: float = 10.0,
         max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
         headers: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+        step: int | None = None,
         seed: int | None = None,
     ) -> None:
         self._endpoints = [_Endpoint(u) for u in _normalise_urls(base_url)]
@@ -146,9 +151,29 @@ class _BaseRewardClient:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._headers.update(headers or {})
+        run_id = run_id if run_id is not None else (os.environ.get(RUN_ENV) or None)
+        if run_id is not None and not _RUN_ID_RE.match(run_id):
+            raise ValueError(f"run_id: 1-64 characters of letters, digits and ._:/@+- (starting with a letter or "
+                             f"digit), got {run_id!r}")
+        self.run_id = run_id
+        self.step = step
         self._rng = random.Random(seed)
         self._lock = threading.Lock()  # endpoint accounting may be touched from several threads
         self._rr = 0  # round-robin offset used to break ties between equally loaded endpoints
+
+    @property
+    def step(self) -> int | None:
+        """The trainer step sent as ``x-rewardkit-step`` with every request (None: not sent)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int | None) -> None:
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"step: an integer >= 0, got {value!r}")
+            if self.run_id is None:
+                raise ValueError("step: needs run_id (a step belongs to a run)")
+        self._step = value
 
     @property
     def base_urls(self) -> list[str]:
@@ -368,6 +393,10 @@ class _BaseRewardClient:
                         headers: Mapping[str, str] | None, timeout: httpx.Timeout | None) -> dict[str, Any]:
         """httpx keyword arguments of one request: JSON ``body`` or binary ``content`` (octet-stream)."""
         hdrs = dict(self._headers)
+        if self.run_id is not None:
+            hdrs["x-rewardkit-run"] = self.run_id
+            if self._step is not None:
+                hdrs["x-rewardkit-step"] = str(self._step)
         kw: dict[str, Any] = {"timeout": timeout or self.timeout}
         if content is not None:
             hdrs["Content-Type"] = "application/octet-stream"

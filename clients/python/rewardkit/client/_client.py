@@ -46,6 +46,11 @@ _CLIENT_DOC = """
         failover_cooldown: seconds a URL that refused a connection is skipped.
         max_items_per_request: longer inputs are split into several requests, results kept in order.
         headers: extra HTTP headers.
+        run_id: the training run these rewards are for: sent as ``x-rewardkit-run`` on every request, so a
+            server shared by several runs watches each run's drift apart (``GET /v1/drift?run=...``). Default
+            ``$REWARDKIT_RUN``. 1-64 characters of letters, digits and ``._:/@+-``.
+        step: the trainer's step, sent as ``x-rewardkit-step`` (needs ``run_id``); set ``client.step = n`` as
+            training advances.
         seed: seeds the backoff jitter (tests).
         transport: an httpx transport (e.g. ``httpx.MockTransport``) for the internal httpx client.
         http_client: a ready httpx client to use instead (its transport/mounts/proxies are used; the
@@ -460,5 +465,6 @@ def sync_twin(client: RewardClient | AsyncRewardClient, *, transport: httpx.Base
                         max_retries=client.max_retries if max_retries is None else max_retries,
                         max_retry_wait=client.max_retry_wait, backoff_base=client.backoff_base,
                         backoff_max=client.backoff_max, failover_cooldown=client.failover_cooldown,
-                        timeout=client.timeout if timeout is None else httpx.Timeout(timeout, connect=10.0))
+                        timeout=client.timeout if timeout is None else httpx.Timeout(timeout, connect=10.0),
+                        run_id=client.run_id, step=client.step)
     return twin, True

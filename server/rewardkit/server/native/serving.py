@@ -9,6 +9,7 @@ from fastapi import Response
 
 from rewardkit.core.abc import project_to_spans
 from rewardkit.core.formatting import ScoreItem
+from rewardkit.server.errors import BadRequest
 from rewardkit.server.native.protocol import (
     DenseReward,
     ItemResult,
@@ -18,12 +19,14 @@ from rewardkit.server.native.protocol import (
     RewardResponse,
 )
 from rewardkit.server.protocol import Usage
+from rewardkit.server.runs import RUN, RunTag
 from rewardkit.server.service import RewardService, encode_vector, set_score_headers, to_score_item
 
 
 async def rewards(service: RewardService, req: RewardRequest, response: Response) -> RewardResponse:
     """Score items; with ``dense: true`` also return ABC token-level reward vectors."""
     service.check_model(req.model)
+    use_run(req.run_id, req.step)
     items = [to_score_item(it) for it in req.items]
     if req.dense:
         results = await score_dense(service, req, items)
@@ -55,6 +58,18 @@ async def score_dense(service: RewardService, req: RewardRequest, items: Sequenc
         results.append(ItemResult(index=i, reward=s.reward, num_tokens=s.num_tokens, truncated=s.truncated,
                                   dense=dense))
     return results
+
+
+def use_run(run_id: str | None, step: int | None) -> None:
+    """The body's ``run_id`` / ``step`` replace the headers' for this request (``runs.RUN``)."""
+    if run_id is None and step is None:
+        return
+    tag = RUN.get()
+    if run_id is None:
+        if tag is None:
+            raise BadRequest("step needs run_id (or the x-rewardkit-run header): a step belongs to a run", field="step")
+        run_id = tag.run_id
+    RUN.set(RunTag(run_id, step if step is not None else (tag.step if tag and tag.run_id == run_id else None)))
 
 
 def model_list(service: RewardService) -> ModelList:

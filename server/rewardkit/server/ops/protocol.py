@@ -16,6 +16,21 @@ class DriftResponse(BaseModel):
     scope: Literal["local", "fleet"]
     replicas: int
     snapshot: dict[str, Any]
+    run: str | None = None  # the run's own monitor (?run=), None: all traffic
+
+
+class RunSummary(BaseModel):
+    run: str
+    items: int
+    requests: int
+    last_step: int | None
+    first_seen: float
+    last_seen: float
+
+
+class RunList(BaseModel):
+    max_runs: int
+    runs: list[RunSummary]
 
 
 class DriftActionResponse(BaseModel):

@@ -1,5 +1,5 @@
 """Operations routes (thin): ``GET /metrics`` (Prometheus text; the API key when ``metrics_require_auth`` is set),
-``GET /v1/drift?scope=local|fleet``, ``POST /v1/drift/reference/pin`` and ``/reset``.
+``GET /v1/drift?scope=local|fleet[&run=ID]``, ``GET /v1/runs``, ``POST /v1/drift/reference/pin`` and ``/reset``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from rewardkit.server.deps import app_state, get_service, require_api_key, require_metrics_key
 from rewardkit.server.errors import NotReady
 from rewardkit.server.ops import serving
-from rewardkit.server.ops.protocol import DriftActionResponse, DriftResponse
+from rewardkit.server.ops.protocol import DriftActionResponse, DriftResponse, RunList
 from rewardkit.server.protocol import error_responses
 from rewardkit.server.service import RewardService
 
@@ -36,10 +36,20 @@ Service = Annotated[RewardService, Depends(get_service)]
 
 @router.get("/v1/drift", response_model=DriftResponse, dependencies=[Depends(require_api_key)])
 async def drift(request: Request, service: Service,
-                scope: Annotated[Literal["local", "fleet"], Query(description="this replica, or all via Redis")] = "local"
+                scope: Annotated[Literal["local", "fleet"], Query(description="this replica, or all via Redis")] = "local",
+                run: Annotated[str | None, Query(description="one run's own drift (x-rewardkit-run / run_id)")] = None,
                 ) -> DriftResponse:
-    """Reward drift and hacking signals over the sliding window (PSI, KS, shifts, length correlation, collapse)."""
+    """Reward drift and hacking signals over the sliding window (PSI, KS, shifts, length correlation, collapse);
+    with ``run``, that run's rewards against that run's own first rewards."""
+    if run is not None:
+        return serving.run_drift(service, run, scope)
     return await serving.drift(request, service, scope)
+
+
+@router.get("/v1/runs", response_model=RunList, dependencies=[Depends(require_api_key)])
+async def runs(service: Service) -> RunList:
+    """The runs this replica has scored for (at most ``max_runs``, then ``other``), with items and last step."""
+    return serving.run_list(service)
 
 
 @router.post("/v1/drift/reference/pin", response_model=DriftActionResponse, dependencies=[Depends(require_api_key)])

@@ -11,8 +11,9 @@ from fastapi import Request
 
 from rewardkit.server.deps import AppState, app_state
 from rewardkit.server.drift import DriftMonitor, merge_states
-from rewardkit.server.errors import BadRequest, NotReady
-from rewardkit.server.ops.protocol import DriftActionResponse, DriftResponse
+from rewardkit.server.errors import BadRequest, NotFound, NotReady
+from rewardkit.server.ops.protocol import DriftActionResponse, DriftResponse, RunList, RunSummary
+from rewardkit.server.runs import RUN_PREFIX, RunRegistry, RunTag, check_prefix, check_run_id
 from rewardkit.server.service import RewardService
 from rewardkit.server.state import RedisState, StateUnavailable
 
@@ -34,6 +35,40 @@ def refresh_gauges(state: AppState) -> None:
     m.set_queue_depth(svc.scheduler.queue_depth, svc.settings.max_queue_items)
     if svc.drift is not None:
         m.update_drift(svc.rm.model_id, svc.drift.snapshot())
+    if svc.runs is not None:
+        info = {r.run_id: r for r in svc.runs.runs()}
+        for name, mon in svc.runs.items():
+            m.update_run(svc.rm.model_id, name, mon.snapshot(), info[name].items, info[name].last_step)
+
+
+def _runs(service: RewardService) -> RunRegistry:
+    if service.runs is None:
+        raise BadRequest("drift monitoring is disabled on this server (settings.drift_enabled=false)",
+                         field="drift_enabled")
+    return service.runs
+
+
+def run_drift(service: RewardService, run: str, scope: str) -> DriftResponse:
+    """One run's drift: its rewards in the window against its own first ``drift_reference_size`` rewards."""
+    check_run_id(run, "run")
+    check_prefix(RunTag(run), RUN_PREFIX.get(), "run")
+    if scope != "local":
+        raise BadRequest("run= is answered per replica (scope=local); fleet-wide per-run drift is not implemented",
+                         field="scope")
+    mon = _runs(service).monitor(run)
+    if mon is None:
+        raise NotFound(f"run {run!r} has not been scored on this replica (GET /v1/runs lists the runs; past "
+                       f"max_runs={service.settings.max_runs} new runs count as 'other')", field="run")
+    return DriftResponse(model=service.rm.model_id, head_version=service.head_version, scope="local", replicas=1,
+                         snapshot=mon.snapshot().to_dict(), run=run)
+
+
+def run_list(service: RewardService) -> RunList:
+    reg = _runs(service)
+    prefix = RUN_PREFIX.get()
+    return RunList(max_runs=reg.max_runs, runs=[
+        RunSummary(run=r.run_id, items=r.items, requests=r.requests, last_step=r.last_step, first_seen=r.first_seen,
+                   last_seen=r.last_seen) for r in reg.runs() if prefix is None or r.run_id.startswith(prefix)])
 
 
 async def drift(request: Request, service: RewardService, scope: Literal["local", "fleet"]) -> DriftResponse:
