@@ -138,3 +138,80 @@ def test_redis_back_empty_the_updater_recreates_its_group(tiny_llama_dir: Path, 
                 fs.flush(complete_groups=False)
             _wait(lambda: sum(_applied_groups(srv.url)) == 2, timeout=30)
             assert "recreating it" in srv.logs()
+
+
+class UpdaterProcess:
+    """``rewardkit r2m-updater`` as a subprocess (issue 22: the updater apart from the servers)."""
+
+    def __init__(self, model: Path, tmp: Path, redis_url: str, state_dir: Path, cpus: str = "") -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.log_path = tmp / f"updater-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "rewardkit.cli", "r2m-updater", "--model", str(model), "--redis-url", redis_url,
+               "--state-dir", str(state_dir)] + (["--cpus", cpus] if cpus else [])
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **ENV, "HF_HUB_OFFLINE": "1"})
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def test_updater_in_its_own_process_kill9_loses_nothing(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The server only ingests and scores (REWARDKIT_R2M_UPDATER=false); `rewardkit r2m-updater`, pinned to a
+    CPU, consumes the stream and publishes heads that the server installs. kill -9 of the updater while it works
+    through a backlog, then a restart: every group sent is applied exactly once."""
+    from rewardkit.core.r2m import read_head_metadata
+
+    require_redis()
+    with RedisProcess(tmp_path) as rp:
+        srv = ServerProcess(tiny_llama_dir, tmp_path, "--redis-url", rp.url, "--max-length", "128",
+                            env={**ENV, "REWARDKIT_R2M_UPDATER": "false", "REWARDKIT_R2M_KEEP_VERSIONS": "0"}).start()
+        state = tmp_path / f"state-{srv.port}"  # the server's store: one host, one directory
+        up = UpdaterProcess(tiny_llama_dir, tmp_path, rp.url, state, cpus="0")
+        try:
+            assert httpx.get(srv.url + "/v1/r2m/status").json()["updater_running"] is False
+            with FeedbackStream(srv.url) as fs:
+                _send(fs, "solo-0", range(4))
+            _wait(lambda: _heads(srv.url)["active"] != "r2m-000000", 60)  # published by the process, installed here
+            with FeedbackStream(srv.url) as fs:
+                for g in range(1, 13):
+                    _send(fs, f"solo-{g}", range(4))
+            time.sleep(0.3)
+            assert up.stop(signal.SIGKILL) == -signal.SIGKILL  # mid-backlog, most likely
+            up = UpdaterProcess(tiny_llama_dir, tmp_path, rp.url, state)
+            with FeedbackStream(srv.url) as fs:
+                _send(fs, "solo-13", range(4))
+
+            def applied() -> list[str]:
+                out: list[str] = []
+                for p in sorted((state / "r2m").rglob("r2m-*.safetensors")):
+                    out += (read_head_metadata(p).get("extra") or {}).get("applied", [])
+                return out
+
+            _wait(lambda: len(set(applied())) == 14, 90)
+            keys = applied()
+            assert sorted(keys) == sorted(set(keys)), "a group applied twice"
+            assert {k.split(":", 1)[1] for k in keys} == {f"solo-{g}" for g in range(14)}
+            newest = _heads(srv.url)["heads"][-1]["version"] if _heads(srv.url)["heads"] else None
+            _wait(lambda: _heads(srv.url)["active"] == newest, 30)
+            assert "r2m-updater running" in up.logs() and "cpus=[0]" in open(tmp_path / sorted(
+                p.name for p in tmp_path.glob("updater-*.log"))[0]).read()
+        finally:
+            up.stop()
+            srv.stop()

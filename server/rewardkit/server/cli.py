@@ -53,6 +53,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--no-abc-renormalize", action="store_true",
                    help="ABC: keep the raw attention share instead of renormalising over the response")
     p.set_defaults(func=run)
+    add_updater_parser(sub)
+
+
+def add_updater_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("r2m-updater", help="run the R2M updater in a process of its own (docs/r2m.md)", description=(
+        "Run the R2M online updater apart from the servers (their REWARDKIT_R2M_UPDATER=false), pinned to its own "
+        "cores, so scoring never waits for a GREBT step. Reads the same REWARDKIT_* settings as 'serve'; needs the "
+        "feedback queue in Redis."))
+    p.add_argument("--model", help="the servers' model (path, HF id or embedded:NAME)")
+    p.add_argument("--redis-url", help="redis://host:port/db, the servers' (or REWARDKIT_REDIS_URL)")
+    p.add_argument("--state-dir", help="head store (default ./rewardkit-state; the servers' when on one host)")
+    p.add_argument("--cpus", default="", help="comma-separated CPU ids to pin to, e.g. 1 or 2,3 (default: no pin)")
+    p.set_defaults(func=run_updater_cli)
+
+
+def run_updater_cli(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from pydantic import ValidationError
+
+    from rewardkit.server.r2m.process import run_updater
+    from rewardkit.server.settings import Settings
+
+    overrides = {k: getattr(args, k) for k in ("model", "redis_url", "state_dir") if getattr(args, k) is not None}
+    try:
+        cpus = [int(c) for c in args.cpus.split(",") if c.strip()]
+        bad = sorted(set(cpus) - os.sched_getaffinity(0))
+        if bad:
+            raise ValueError(f"--cpus: {bad} not available here (this process may use {sorted(os.sched_getaffinity(0))})")
+        settings = Settings(**overrides)
+        return run_updater(settings, cpus)
+    except (ValueError, ValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

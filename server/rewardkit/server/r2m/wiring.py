@@ -18,6 +18,8 @@ from rewardkit.server.r2m.feedback import FeedbackQueue, MemoryFeedbackQueue, Re
 from rewardkit.server.r2m.serving import R2MService
 from rewardkit.server.r2m.store import HeadStore, model_slug, parse_version
 from rewardkit.server.r2m.updater import R2MUpdater
+from rewardkit.server.settings import Settings
+from rewardkit.server.state import RedisState
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,18 @@ def _initial_head(rm: Any, cfg: R2MConfig, seed: int) -> R2MHead:
 
 def build(state: AppState, loop: asyncio.AbstractEventLoop | None = None) -> R2MService:
     """Store (with the initial head on first start), queue, updater and service for the loaded model."""
-    s = state.settings
     svc = state.service
     if svc is None:
         raise RuntimeError("R2M is built after the model is loaded")
-    rm = svc.rm
+    updater, queue, d_policy = make_updater(state.settings, svc.rm, state.redis, loop)
+    return R2MService(state.settings, svc, updater, queue, d_policy)
+
+
+def make_updater(s: Settings, rm: Any, rs: RedisState | None, loop: asyncio.AbstractEventLoop | None
+                 ) -> tuple[R2MUpdater, FeedbackQueue, int]:
+    """The head store (with the initial head on first start), the feedback queue and the updater for ``rm``, in
+    the server or in a process of its own (``rewardkit r2m-updater``). Heads are published through ``rs`` when it
+    is given (``loop``: the event loop ``rs`` runs on)."""
     d_policy = s.r2m_policy_hidden_size or rm.hidden_size
     cfg = R2MConfig(d_rm=rm.hidden_size, d_policy=d_policy, d_attn=s.r2m_d_attn, omega=s.r2m_omega,
                     total_rounds=s.r2m_total_rounds, alpha=s.r2m_alpha, lr=s.r2m_lr)
@@ -56,7 +65,6 @@ def build(state: AppState, loop: asyncio.AbstractEventLoop | None = None) -> R2M
         queue = RedisFeedbackQueue(s.redis_url, s.redis_namespace, model_slug(rm.model_id))
     else:
         queue = MemoryFeedbackQueue()
-    rs = state.redis
     publish = None
     head_model = f"{rm.model_id}:r2m"
     if rs is not None and loop is not None:
@@ -65,7 +73,7 @@ def build(state: AppState, loop: asyncio.AbstractEventLoop | None = None) -> R2M
             fut.result(timeout=10)
     updater = R2MUpdater(store, queue, steps_per_update=s.r2m_steps_per_update, publish=publish, cfg_override=override,
                          pause=s.r2m_updater_pause)
-    return R2MService(s, svc, updater, queue, d_policy)
+    return updater, queue, d_policy
 
 
 async def attach(state: AppState) -> None:
