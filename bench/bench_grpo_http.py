@@ -19,6 +19,7 @@ ratio cache-on / cache-off.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import statistics
@@ -31,7 +32,16 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, drive_wrk, grpo_workload, python, start_process, stop_process, write_json  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    drive,
+    drive_wrk,
+    grpo_workload,
+    python,
+    start_process,
+    stop_process,
+    write_json,
+)
 
 CONFIGS = (("naive", []), ("cache_off", ["--prefix-cache-mb", "0"]), ("cache_on", []))
 
@@ -89,31 +99,50 @@ def start_servers(model: str | None, tmp: Path, name: str) -> dict[str, tuple[st
     return out
 
 
+def spread_order(pairs: list[tuple[str, str]], k: int, spread: int) -> list[tuple[str, str]]:
+    """``spread`` > 1: within each block of ``spread`` prompts, send the first completion of every prompt, then the
+    second, ... (rollouts that finish generating at different times: mates ``spread - 1`` items apart)."""
+    if spread <= 1:
+        return pairs
+    groups = [pairs[i:i + k] for i in range(0, len(pairs), k)]
+    out: list[tuple[str, str]] = []
+    for b in range(0, len(groups), spread):
+        block = groups[b:b + spread]
+        out += [g[j] for j in range(k) for g in block if j < len(g)]
+    return out
+
+
 def run_cell(servers: dict[str, tuple[str, object]], model: str | None, name: str, k: int, conc: int, seconds: int,
-             repeats: int, n_items: int, tmp: Path, seed: int) -> dict[str, object]:
+             repeats: int, n_items: int, tmp: Path, seed: int, driver: str = "wrk", spread: int = 1
+             ) -> dict[str, object]:
     import json
 
     n_prompts = max(1, n_items // k)
     per: dict[str, list[dict[str, float]]] = {label: [] for label, _ in CONFIGS}
     for rep in range(repeats):
         # new prompts per repeat (the same for the three servers): nothing a cache kept is asked again
-        texts, tokens = texts_and_tokens(model, grpo_workload(n_prompts, k, (100, 160), (20, 40), seed=seed + rep))
+        pairs = spread_order(grpo_workload(n_prompts, k, (100, 160), (20, 40), seed=seed + rep), k, spread)
+        texts, tokens = texts_and_tokens(model, pairs)
         bodies = [json.dumps({"query": [t]}) for t in texts]
         for label, _ in CONFIGS:
             url = servers[label][0]
             before = kv_counters(url) if label != "naive" else None
-            res = drive_wrk(url, bodies, conc, seconds, tmp, spread=True)
+            if driver == "wrk":
+                res = drive_wrk(url, bodies, conc, seconds, tmp, spread=True)
+            else:  # a fixed set, each item once, timed to the last answer (no batch cut off by a time window)
+                res = asyncio.run(drive(url, texts, conc))
             wait_idle(servers[label][1].pid)  # type: ignore[attr-defined]
             after = kv_counters(url) if label != "naive" else None
             served = res["requests"] * tokens / len(texts)
             row = {"tokens_per_s": served / res["wall_s"], "p50_ms": res["p50_s"] * 1e3, "p99_ms": res["p99_s"] * 1e3,
-                   "requests": res["requests"], "non_2xx": res["non_2xx"], "wrapped": res["requests"] > len(bodies)}
+                   "requests": res["requests"], "non_2xx": res.get("non_2xx", 0), "wrapped": res["requests"] > len(bodies)}
             if before is not None and after is not None:
                 looked = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
                 row["hit_rate"] = (after["hits"] - before["hits"]) / looked if looked else 0.0
                 row["tokens_saved"] = after["tokens_saved"] - before["tokens_saved"]
             per[label].append(row)
-    cell: dict[str, object] = {"model": name, "k": k, "concurrency": conc, "repeats": repeats,
+    cell: dict[str, object] = {"model": name, "k": k, "concurrency": conc, "repeats": repeats, "driver": driver,
+                               "spread": spread,
                                "items_per_repeat": len(texts), "mean_tokens": tokens / len(texts)}
     med = {label: statistics.median(r["tokens_per_s"] for r in rows) for label, rows in per.items()}
     for label, rows in per.items():
@@ -131,7 +160,7 @@ def run_cell(servers: dict[str, tuple[str, object]], model: str | None, name: st
 def show(cell: dict[str, object]) -> None:
     on, off, naive = cell["cache_on"], cell["cache_off"], cell["naive"]
     assert isinstance(on, dict) and isinstance(off, dict) and isinstance(naive, dict)
-    print(f"{cell['model']:>8} K={cell['k']} c={cell['concurrency']:>2} | naive {naive['tokens_per_s']:8.0f} tok/s | "
+    print(f"{cell['model']:>8} K={cell['k']} c={cell['concurrency']:>2} s={cell['spread']} | naive {naive['tokens_per_s']:8.0f} tok/s | "
           f"off {off['tokens_per_s']:8.0f} (x{off['ratio_vs_naive']:.2f}) | on {on['tokens_per_s']:8.0f} "
           f"(x{on['ratio_vs_naive']:.2f}, hit {on['hit_rate']:.2f}) | on/off {cell['cache_on_over_off']:.2f} | "
           f"p99 naive/off/on {naive['p99_ms']:.0f}/{off['p99_ms']:.0f}/{on['p99_ms']:.0f} ms"
@@ -147,6 +176,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=10, help="wrk duration per run (SmolLM2: x2)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=str(ROOT / "bench/results/grpo_http.json"))
+    ap.add_argument("--driver", choices=["wrk", "httpx"], default=None,
+                    help="load generator (default: wrk for the tiny model, httpx with a fixed item set for SmolLM2)")
+    ap.add_argument("--items", type=int, default=64, help="items per run with the httpx driver")
+    ap.add_argument("--spread", type=int, default=1, help="interleave the mates of this many prompts (1: K in a row)")
     ap.add_argument("--append", action="store_true", help="add the cells to those already in --json (other models)")
     a = ap.parse_args()
     if a.quick:
@@ -159,17 +192,22 @@ def main() -> None:
     if a.append and Path(a.json).exists():
         import json
 
-        cells = [c for c in json.loads(Path(a.json).read_text())["cells"] if c["model"] not in a.models.split(",")]
+        cells = [c for c in json.loads(Path(a.json).read_text())["cells"]
+                 if c["model"] not in a.models.split(",") or c.get("spread", 1) != a.spread]
     for name in a.models.split(","):
         model = models[name]
         seconds = a.seconds * (2 if name == "smollm2" else 1)
-        # enough distinct items that a run never cycles: tiny serves ~100 req/s here, SmolLM2 ~5
-        n_items = 4000 if name == "tiny" else 400
+        # wrk (tiny): a timed window over more distinct items than a run can take (~200 req/s here). httpx
+        # (SmolLM2): a batch of 16 items takes ~5 s on this CPU, so a timed window would cut a third of the work
+        # off; instead a fixed set of items, each once, timed to the last answer.
+        driver = a.driver or ("wrk" if name == "tiny" else "httpx")
+        n_items = (4000 if name == "tiny" else 400) if driver == "wrk" else a.items
         servers = start_servers(model, tmp, name)
         try:
             for k in (int(x) for x in a.ks.split(",")):
                 for conc in (int(x) for x in a.concurrency.split(",")):
-                    cell = run_cell(servers, model, name, k, conc, seconds, a.repeats, n_items, tmp, seed=1000 * k + conc)
+                    cell = run_cell(servers, model, name, k, conc, seconds, a.repeats, n_items, tmp,
+                                    seed=1000 * k + conc, driver=driver, spread=a.spread)
                     show(cell)
                     cells.append(cell)
                     write_json(Path(a.json), {"cells": cells, "args": vars(a)})  # partial results survive a crash

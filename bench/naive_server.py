@@ -24,8 +24,8 @@ class Req(BaseModel):
     labels: list[str] | None = None
 
 
-def build(model: str | None, max_length: int) -> FastAPI:
-    rm = load_reward_model(model)
+def build(model: str | None, max_length: int, device: str = "auto", dtype: str | None = None) -> FastAPI:
+    rm = load_reward_model(model, device=device, dtype=dtype)
     fmt = Formatter(rm.tokenizer, max_length=max_length)
     scorer = Scorer(rm, padding_side="left")  # OpenRLHF pads left
     app = FastAPI()
@@ -51,8 +51,11 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None)
     args = ap.parse_args()
-    uvicorn.run(build(args.model, args.max_length), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(build(args.model, args.max_length, args.device, args.dtype), host="127.0.0.1", port=args.port,
+                log_level="warning")
 
 
 if __name__ == "__main__":

@@ -244,29 +244,13 @@ class PrefixSharer:
         return torch.stack(result)  # type: ignore[arg-type]
 
     def _run_packed(self, rm: RewardModel, cache: object, p: int, tails: list[Sequence[int]]) -> torch.Tensor:
-        """Run completions packed into ONE row after the batch-1 prefix cache; return each one's last hidden state.
-
-        No padding and no cache expansion: a 4-D additive mask lets each completion token see the prefix and the
-        earlier tokens of its own completion only; position ids restart at P for every completion. (n, H).
-        """
-        dev = rm.device
-        lens = [len(t) for t in tails]
-        total = sum(lens)
-        ids = torch.tensor([[t for tail in tails for t in tail]], dtype=torch.long, device=dev)  # (1, S)
-        pos = torch.cat([torch.arange(p, p + n) for n in lens])[None].to(dev)  # (1, S)
-        seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # (S,) completion of each token
-        ar = torch.arange(total)
-        own = (seg[:, None] == seg[None, :]) & (ar[:, None] >= ar[None, :])  # (S, S) causal within a completion
-        allowed = torch.cat([torch.ones((total, p), dtype=torch.bool), own], dim=1)  # (S, P + S)
-        mask = torch.zeros((1, 1, total, p + total), dtype=rm.dtype)  # (1, 1, S, P + S) additive
-        mask.masked_fill_(~allowed[None, None], torch.finfo(rm.dtype).min)
-        out = rm.body(input_ids=ids, attention_mask=mask.to(dev), position_ids=pos, **{CACHE_KW: cache},
-                      use_cache=True)
+        """Run completions packed into ONE row after the batch-1 prefix cache (``packed_forward``), then crop the
+        cache back to the prefix. (n, H)."""
+        h, total = packed_forward(rm, cache, p, tails)
         cache.crop(-total)  # type: ignore[attr-defined]  # (1, kv, P + S, d) -> (1, kv, P, d)
-        last = torch.tensor(lens).cumsum(0) - 1  # (n,)
         self.stats.tokens_computed += total
         self.stats.forwards += 1
-        return out.last_hidden_state[0, last.to(dev)]  # (n, H)
+        return h
 
     def _run_completions(self, rm: RewardModel, cache: object, p: int, tails: list[Sequence[int]]) -> torch.Tensor:
         """Run completions against the batch-1 prefix cache; return the last real token's hidden state, (n, H).
@@ -293,6 +277,28 @@ class PrefixSharer:
         self.stats.tokens_computed += sum(len(t) for t in tails)
         self.stats.forwards += 1
         return out.last_hidden_state[torch.arange(n, device=dev), last]  # (n, H)
+
+
+def packed_forward(rm: RewardModel, cache: object, p: int, tails: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
+    """Completions packed into ONE row after a batch-1 cache of ``p`` prefix tokens; each one's last hidden state.
+
+    No padding and no cache expansion: a 4-D additive mask lets each completion token see the prefix and the
+    earlier tokens of its own completion only; position ids restart at ``p`` for every completion. Returns
+    ((n, H), S: the packed tokens the cache grew by)."""
+    dev = rm.device
+    lens = [len(t) for t in tails]
+    total = sum(lens)
+    ids = torch.tensor([[t for tail in tails for t in tail]], dtype=torch.long, device=dev)  # (1, S)
+    pos = torch.cat([torch.arange(p, p + n) for n in lens])[None].to(dev)  # (1, S)
+    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # (S,) completion of each token
+    ar = torch.arange(total)
+    own = (seg[:, None] == seg[None, :]) & (ar[:, None] >= ar[None, :])  # (S, S) causal within a completion
+    allowed = torch.cat([torch.ones((total, p), dtype=torch.bool), own], dim=1)  # (S, P + S)
+    mask = torch.zeros((1, 1, total, p + total), dtype=rm.dtype)  # (1, 1, S, P + S) additive
+    mask.masked_fill_(~allowed[None, None], torch.finfo(rm.dtype).min)
+    out = rm.body(input_ids=ids, attention_mask=mask.to(dev), position_ids=pos, **{CACHE_KW: cache}, use_cache=True)
+    last = torch.tensor(lens).cumsum(0) - 1  # (n,)
+    return out.last_hidden_state[0, last.to(dev)], total  # (n, H)
 
 
 def probe_support(rm: RewardModel, prefix_len: int = 12, suffix_len: int = 5) -> tuple[bool, str]:

@@ -45,7 +45,7 @@ import torch
 
 from rewardkit.core.formatting import EncodedItem
 from rewardkit.core.loading import RewardModel
-from rewardkit.core.prefix import CACHE_KW, output_cache
+from rewardkit.core.prefix import CACHE_KW, output_cache, packed_forward
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (1, kv_heads, P, head_dim)
 
@@ -136,8 +136,8 @@ class PrefixKVCache:
 
     # -- lookup ----------------------------------------------------------------------------------------------------
     def lookup(self, ids: Sequence[int], limit: int) -> Match | None:
-        """The longest stored prefix of ``ids`` of at most ``limit`` tokens (>= ``min_prefix``), or None. Counts a
-        hit or a miss."""
+        """The longest stored prefix of ``ids`` of at most ``limit`` tokens (>= ``min_prefix``), or None. Counts
+        nothing: the caller decides whether a match is worth using and records it (``count``)."""
         with self._lock:
             # An entry is indexed under every block boundary of its ids, so the boundaries present for an item form
             # a run from the first: walk it and stop at the first absent one (a K = 1 miss costs one or two hashes).
@@ -154,13 +154,18 @@ class PrefixKVCache:
                 if m >= self.min_prefix and m >= end:  # verified on the ids, not on the hash
                     if 2 * m >= len(e.ids):  # a short reuse (a system prompt) does not keep a long entry alive: the
                         self._entries.move_to_end(id(e))  # newest entry holding those tokens is indexed for them
-                        self._stores_since_reuse = 0
-
-                    self.stats.hits += 1
-                    self.stats.tokens_saved += m
                     return Match(e, m)
-            self.stats.misses += 1
             return None
+
+    def count(self, used: Match | None) -> None:
+        """Record one looked-up item: a hit (``used``: the match it runs against) or a miss."""
+        with self._lock:
+            if used is None:
+                self.stats.misses += 1
+                return
+            self.stats.hits += 1
+            self.stats.tokens_saved += used.length
+            self._stores_since_reuse = 0
 
     @staticmethod
     def _common(a: Sequence[int], b: Sequence[int], n: int) -> int:
@@ -245,20 +250,6 @@ def run_tail(rm: RewardModel, kv: KV, m: int, tail: Sequence[int]) -> tuple[torc
 
 
 def run_tails_packed(rm: RewardModel, kv: KV, m: int, tails: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Several items' tokens after one stored prefix of ``m`` tokens, packed in one row (block mask, positions
-    restarting at ``m``). Returns each one's last hidden state, (n, H)."""
-    dev = rm.device
-    lens = [len(t) for t in tails]
-    total = sum(lens)
-    ids = torch.tensor([[t for tail in tails for t in tail]], dtype=torch.long, device=dev)  # (1, S)
-    pos = torch.cat([torch.arange(m, m + n) for n in lens])[None].to(dev)  # (1, S)
-    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # (S,)
-    ar = torch.arange(total)
-    own = (seg[:, None] == seg[None, :]) & (ar[:, None] >= ar[None, :])  # (S, S) causal within an item
-    allowed = torch.cat([torch.ones((total, m), dtype=torch.bool), own], dim=1)  # (S, m + S)
-    mask = torch.zeros((1, 1, total, m + total), dtype=rm.dtype)
-    mask.masked_fill_(~allowed[None, None], torch.finfo(rm.dtype).min)
-    out = rm.body(input_ids=ids, attention_mask=mask.to(dev), position_ids=pos, **{CACHE_KW: dynamic_cache(kv, m)},
-                  use_cache=True)
-    last = torch.tensor(lens).cumsum(0) - 1
-    return out.last_hidden_state[0, last.to(dev)]  # (n, H)
+    """Several items' tokens after one stored prefix of ``m`` tokens, packed in one row (``prefix.packed_forward``
+    on a fresh cache). Returns each one's last hidden state, (n, H)."""
+    return packed_forward(rm, dynamic_cache(kv, m), m, tails)[0]

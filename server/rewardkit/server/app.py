@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from rewardkit.core.loading import RewardModel, load_reward_model
+from rewardkit.server import torch_thread
 from rewardkit.server.deps import AppState
 from rewardkit.server.errors import install_error_handlers
 from rewardkit.server.metrics import Metrics
@@ -53,7 +54,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
 
     async def _load() -> None:
         try:
-            model = rm if rm is not None else await asyncio.to_thread(
+            model = rm if rm is not None else await torch_thread.run(  # the thread that will run the forwards
                 load_reward_model, settings.model, device=settings.device, dtype=settings.dtype,
                 trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
             state.service = build_service(state, model)

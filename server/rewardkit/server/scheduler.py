@@ -122,7 +122,8 @@ class Scheduler(Generic[P, R]):
     def __init__(self, batch_fn: Callable[[list[P]], list[R]], *, max_batch_tokens: int, max_batch_size: int,
                  max_wait_s: float, max_queue_items: int,
                  on_batch: Callable[[BatchStats], None] | None = None, inline: bool = False,
-                 max_padding: float = 1.0, group_key: Callable[[P], Hashable | None] | None = None) -> None:
+                 max_padding: float = 1.0, group_key: Callable[[P], Hashable | None] | None = None,
+                 executor: ThreadPoolExecutor | None = None) -> None:
         self._batch_fn = batch_fn
         self._group_key = group_key  # prefix-group key of a payload (rewardkit.core.prefix): mates share a batch
         self.max_batch_tokens = max_batch_tokens
@@ -137,7 +138,9 @@ class Scheduler(Generic[P, R]):
         self.max_padding = max_padding
         self._pending: list[Job[P]] = []
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardkit-model")
+        # the worker thread: a shared one (the server's torch thread, rewardkit.server.torch_thread) or its own
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardkit-model")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.in_flight = 0  # items handed to the worker and not yet answered
@@ -163,7 +166,8 @@ class Scheduler(Generic[P, R]):
             if not job.future.done():
                 job.future.set_exception(QueueFull("server shutting down"))
         self._pending.clear()
-        self._executor.shutdown(wait=True, cancel_futures=False)
+        if self._own_executor:
+            self._executor.shutdown(wait=True, cancel_futures=False)
 
     def submit(self, payloads: Sequence[P], lengths: Sequence[int], timeout_s: float) -> list[asyncio.Future[R]]:
         """Queue all items of one request atomically; raise QueueFull if they do not fit."""

@@ -29,6 +29,7 @@ from rewardkit.core.formatting import EncodedItem, Formatter, ScoreItem
 from rewardkit.core.loading import RewardModel
 from rewardkit.core.prefix import prefix_key
 from rewardkit.core.scoring import ItemScore, Scorer
+from rewardkit.server import torch_thread
 from rewardkit.server.drift import DriftMonitor
 from rewardkit.server.errors import BadRequest, NotReady, Overloaded, PayloadTooLarge
 from rewardkit.server.runs import RUN, RUN_HEADER, RUN_PREFIX, RunRegistry, check_prefix
@@ -70,8 +71,8 @@ class RewardService:
         self.scheduler: Scheduler[ModelJob, ItemScore] = Scheduler(
             self._run_batch, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0, max_queue_items=settings.max_queue_items,
-            on_batch=self._on_batch, max_padding=settings.max_padding_fraction, inline=settings.worker_mode == "inline" or (
-                settings.worker_mode == "auto" and rm.device.type == "cpu"),
+            on_batch=self._on_batch, max_padding=settings.max_padding_fraction, inline=settings.worker_mode == "inline",
+            executor=torch_thread.EXECUTOR,
             group_key=(lambda job: prefix_key(job.enc)) if settings.prefix_sharing else None)  # prompt mates batch together
         # operations (issue 7): drift monitor fed with every returned reward, optional Redis score cache
         self.drift: DriftMonitor | None = DriftMonitor(

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the batcher waits to fill a batch")
     max_queue_items: int = Field(4096, ge=1, description="items waiting for the model before 429")
     worker_mode: Literal["auto", "inline", "thread"] = Field(
-        "auto", description="auto: inline on CPU (model on the event-loop thread), a worker thread on GPU")
+        "auto", description=("auto = thread: the forwards on the server's one torch thread, where the model was "
+                              "loaded (docs/operations.md: a second torch thread slows CPU forwards ~25%); inline: "
+                              "on the event-loop thread"))
     padding_free: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: on CPU run each item of a batch unpadded (SDPA's causal kernel), on GPU pad")
     # ABC dense rewards (beta is per request); see docs/abc.md for why each option exists

@@ -143,6 +143,7 @@ def test_collisions_are_checked_on_ids() -> None:
     bad = list(range(8))
     cache._index[block_hashes([9, 9, 9, 9], 4, 4)[0]] = next(iter(cache._entries.values()))  # forge a collision
     assert cache.lookup([9, 9, 9, 9, 1], 5) is None
+    assert cache.stats.hits == cache.stats.misses == 0  # lookups count nothing; the scorer records what it uses
     m = cache.lookup(bad[:6] + [42, 43], 8)
     assert m is not None and m.length == 6  # extended past the block boundary (4) to the common prefix
     assert cache.lookup(bad, 3) is None  # limit below min_prefix
@@ -160,5 +161,7 @@ def test_admission_is_sampled_when_stores_bring_no_reuse() -> None:
         cache.put([1000 + i] * 8, kv)
     admitted = sum(cache.admit() for _ in range(10 * ADMIT_SAMPLE))
     assert admitted == 10
-    assert cache.lookup([1000] * 8 + [1], 9) is not None  # a reuse: every candidate is admitted again
+    m = cache.lookup([1000] * 8 + [1], 9)
+    assert m is not None
+    cache.count(m)  # a reuse: every candidate is admitted again
     assert all(cache.admit() for _ in range(5))

@@ -26,6 +26,7 @@ from rewardkit.core.formatting import ScoreItem
 from rewardkit.core.forward import normalise
 from rewardkit.core.r2m import mix_weight
 from rewardkit.core.wire import Frame, FrameDecoder, FrameError, reduce_positions
+from rewardkit.server import torch_thread
 from rewardkit.server.errors import BadRequest, NotFound, NotReady, Overloaded, PayloadTooLarge
 from rewardkit.server.r2m.feedback import (
     FeedbackQueue,
@@ -353,7 +354,7 @@ class R2MService:
         if not frames:
             raise BadRequest("the stream holds no frame", "body")
         h_last, rm_rewards, keys = await self._h_last(frames)
-        raw = await asyncio.to_thread(self._score_head, active, frames, h_last)
+        raw = await torch_thread.run(self._score_head, active, frames, h_last)
         bad = [i for i, v in enumerate(raw) if not np.isfinite(v)]
         if bad:  # never answer 200 with a null reward
             f = frames[bad[0]]
@@ -410,7 +411,7 @@ async def activate(r2m: R2MService, version: str) -> HeadList:
     if parse_version(version) is None:
         raise NotFound(f"unknown head version {version!r} (versions look like 'r2m-000003')", "version")
     try:
-        await asyncio.to_thread(r2m.updater.activate, version)
+        await torch_thread.run(r2m.updater.activate, version)
     except KeyError:
         raise NotFound(f"unknown head version {version!r}; GET /v1/r2m/heads lists them", "version") from None
     except OSError as exc:  # the record could not be written: nothing changed (the served head included)

@@ -13,6 +13,7 @@ import torch
 
 from rewardkit.core.errors import ConfigError
 from rewardkit.core.r2m import R2MConfig, R2MHead
+from rewardkit.server import torch_thread
 from rewardkit.server.deps import AppState
 from rewardkit.server.r2m.feedback import FeedbackQueue, MemoryFeedbackQueue, RedisFeedbackQueue
 from rewardkit.server.r2m.serving import R2MService
@@ -81,7 +82,7 @@ async def attach(state: AppState) -> None:
     if not state.settings.r2m_enabled or state.service is None:
         return
     try:
-        r2m = await asyncio.to_thread(build, state, asyncio.get_running_loop())
+        r2m = await torch_thread.run(build, state, asyncio.get_running_loop())
     except Exception as exc:  # R2M must not take scalar scoring down: /v1/r2m/* answers 503 with the reason
         state.r2m_error = f"R2M unavailable: {type(exc).__name__}: {exc}"
         log.exception("r2m setup failed")
