@@ -15,7 +15,7 @@ fi
 export PYTHONPATH="$PWD/core:$PWD/server:$PWD/clients/python:$PWD/training${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$PY" - <<'PYCHECK'
-import importlib, sys
+import importlib.util, sys
 missing = [m for m in ("torch", "transformers", "fastapi", "uvicorn", "pydantic", "pydantic_settings", "httpx",
                        "prometheus_client", "safetensors", "tokenizers") if importlib.util.find_spec(m) is None]
 if missing:

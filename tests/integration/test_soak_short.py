@@ -14,17 +14,19 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_RSS_GROWTH_MB = 64  # after warm-up, over ~25 s; a leak of one request's worth per request would be far more
+KV_CACHE_MB = 16  # the prompt KV cache fills up to its budget by design; bounded here so a leak still shows
 
 
 def test_short_soak_has_no_errors_and_flat_memory(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_soak.py"), "--short", "--clients", "8",
-                           "--minutes", "0.33", "--warmup-s", "5", "--abandon", "0.05", "--out", str(out)],
+                           "--minutes", "0.33", "--warmup-s", "5", "--abandon", "0.05", "--out", str(out),
+                           f"--server-arg=--prefix-cache-mb={KV_CACHE_MB}"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["non_429_errors"] == 0, res["errors"]
     assert res["requests_served"] >= 50, res
     assert res["server_log_errors"] == 0, res
-    assert res["rss_growth_after_warmup_mb"] < MAX_RSS_GROWTH_MB, res
+    assert res["rss_growth_after_warmup_mb"] < MAX_RSS_GROWTH_MB + KV_CACHE_MB, res
     assert proc.returncode == 0, proc.stdout[-2000:]

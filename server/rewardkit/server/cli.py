@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--no-truncate", action="store_true", help="reject over-long items with 422 instead of truncating")
     p.add_argument("--no-prefix-sharing", action="store_true", help="disable shared-prompt KV reuse")
     p.add_argument("--prefix-cache-mb", type=float,
-                   help="MiB of prompt KV kept across requests for GRPO mates in later batches (default 1024; 0: off)")
+                   help="MiB of prompt KV kept across requests for GRPO mates in later batches (default 256; 0: off)")
     p.add_argument("--redis-url", help="redis://host:port/db for shared state across replicas")
     p.add_argument("--api-keys-file", help="file with one API key per line (or REWARDKIT_API_KEYS)")
     p.add_argument("--state-dir", help="where R2M heads are kept (default ./rewardkit-state)")

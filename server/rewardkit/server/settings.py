@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     abc_num_layers: int = Field(1, ge=1, description="average the rows of this many layers ending at abc_layer")
     abc_renormalize: bool = Field(True, description="renormalise attention over the response (the paper's code)")
     prefix_sharing: bool = Field(True, description="compute a prompt shared by several items once (KV cache)")
-    prefix_cache_mb: float = Field(1024.0, ge=0, le=1_048_576, description=(
+    prefix_cache_mb: float = Field(256.0, ge=0, le=1_048_576, description=(
         "MiB of prompt KV kept across requests (LRU), so GRPO mates arriving in later batches skip their prompt; "
         "0 disables; needs prefix_sharing"))
     # limits on what clients control
