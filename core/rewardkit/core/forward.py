@@ -9,7 +9,7 @@ chooses the path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,8 +17,22 @@ import torch
 from rewardkit.core.formatting import EncodedItem
 from rewardkit.core.loading import RewardModel
 
-__all__ = ["ItemScore", "normalise", "pad_batch", "plain_forward", "reward_index", "reward_indices", "reward_position",
-           "scores_from_hidden"]
+# transformers renamed a forward's `past_key_values` to `cache` (and warns on every use of the old name); pass and read
+# the name the installed version wants, so the first requests print no deprecation noise.
+try:
+    from transformers.utils.generic import _BCCacheNameMeta  # noqa: F401  (present where `cache` is the new name)
+
+    CACHE_KW = "cache"
+except ImportError:  # older transformers
+    CACHE_KW = "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output, by the name the installed transformers uses."""
+    return out.cache if CACHE_KW == "cache" else out.past_key_values
+
+__all__ = ["CACHE_KW", "ItemScore", "normalise", "output_cache", "pad_batch", "plain_forward", "reward_index",
+           "reward_indices", "reward_position", "scores_from_hidden"]
 
 
 @dataclasses.dataclass
@@ -86,11 +100,16 @@ def pad_batch(items: Sequence[EncodedItem], pad_token_id: int, padding_side: str
     return ids.to(device), mask.to(device), pos.to(device)
 
 
-def plain_forward(rm: RewardModel, items: Sequence[EncodedItem], padding_side: str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One padded forward of the body. Returns (last hidden states (B, T, H), reward indices (B,))."""
+def plain_forward(rm: RewardModel, items: Sequence[EncodedItem], padding_side: str,
+                  on_cache: Callable[[Any, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One padded forward of the body. Returns (last hidden states (B, T, H), reward indices (B,)).
+
+    ``on_cache``: the forward keeps its KV cache and hands it over with the padded width, ``on_cache(cache, T)``
+    (the prompt KV cache across requests stores rows of it)."""
     ids, mask, pos = pad_batch(items, rm.pad_token_id, padding_side, rm.device)
-    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=on_cache is not None)
+    if on_cache is not None:
+        on_cache(output_cache(out), ids.shape[1])
     return out.last_hidden_state, reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)
 
 

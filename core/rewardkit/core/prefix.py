@@ -39,23 +39,8 @@ from typing import Any
 import torch
 
 from rewardkit.core.formatting import EncodedItem
-from rewardkit.core.forward import pad_batch, reward_indices
+from rewardkit.core.forward import CACHE_KW, output_cache, pad_batch, reward_indices
 from rewardkit.core.loading import RewardModel
-
-# transformers renamed a forward's `past_key_values` to `cache` (and warns on every use of the old name); pass and read
-# the name the installed version wants, so the first requests print no deprecation noise.
-try:
-    from transformers.utils.generic import _BCCacheNameMeta  # noqa: F401  (present where `cache` is the new name)
-
-    CACHE_KW = "cache"
-except ImportError:  # older transformers
-    CACHE_KW = "past_key_values"
-
-
-def output_cache(out: Any) -> Any:
-    """The KV cache of a model output, by the name the installed transformers uses."""
-    return out.cache if CACHE_KW == "cache" else out.past_key_values
-
 
 log = logging.getLogger(__name__)
 

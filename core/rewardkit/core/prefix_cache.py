@@ -44,8 +44,9 @@ from typing import Any
 import torch
 
 from rewardkit.core.formatting import EncodedItem
+from rewardkit.core.forward import CACHE_KW, output_cache
 from rewardkit.core.loading import RewardModel
-from rewardkit.core.prefix import CACHE_KW, output_cache, packed_forward
+from rewardkit.core.prefix import packed_forward
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (1, kv_heads, P, head_dim)
 

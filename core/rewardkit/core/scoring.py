@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ from rewardkit.core.forward import (
     scores_from_hidden,
 )
 from rewardkit.core.loading import RewardModel
-from rewardkit.core.prefix import PrefixSharer, find_prefix_groups, output_cache
+from rewardkit.core.prefix import PrefixSharer, find_prefix_groups
 from rewardkit.core.prefix_cache import DEFAULT_BLOCK, Match, PrefixKVCache, kv_of, run_tail, run_tails_packed
 
 Store = dict[int, int]  # id(item) -> leading tokens of it to store in the KV cache after its forward
@@ -134,7 +135,7 @@ class Scorer:
             else:
                 by_entry.setdefault((id(mt.entry), mt.length), []).append(i)
         for idx in by_entry.values():
-            self._score_hits(items, idx, [matches[i] for i in idx], ridx, return_hidden, out)
+            self._score_hits(items, idx, matches[idx[0]], ridx, return_hidden, out)
         rest = [i for i, s in enumerate(out) if s is None]
         if rest:
             part = [items[i] for i in rest]
@@ -144,9 +145,9 @@ class Scorer:
                 out[i] = s
         return [s for s in out if s is not None]
 
-    def _score_hits(self, items: Sequence[EncodedItem], idx: list[int], matches: Sequence[Match | None],
-                    ridx: list[int], return_hidden: bool, out: list[ItemScore | None]) -> None:
-        mt = matches[0]
+    def _score_hits(self, items: Sequence[EncodedItem], idx: list[int], mt: Match | None, ridx: list[int],
+                    return_hidden: bool, out: list[ItemScore | None]) -> None:
+        """Items ``idx`` that share one stored prefix (``mt``: same entry, same length): only their rest runs."""
         assert mt is not None
         tails = [items[i].input_ids[mt.length:ridx[i] + 1] for i in idx]
         h = (run_tails_packed(self.rm, mt.entry.kv, mt.length, tails) if len(idx) > 1
@@ -162,16 +163,16 @@ class Scorer:
         """``forward.plain_forward``; with ``store`` naming some of ``items``, the same forward keeps its cache and
         their prompts' KV go into the KV cache."""
         rows = [(r, store[id(it)]) for r, it in enumerate(items) if store and id(it) in store]
-        if not rows or self.kv is None:
+        kv = self.kv
+        if not rows or kv is None:
             return plain_forward(self.rm, items, self.padding_side)
-        ids, mask, pos = pad_batch(items, self.rm.pad_token_id, self.padding_side, self.rm.device)
-        out = self.rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache = output_cache(out)
-        width = ids.shape[1]
-        for r, n in rows:
-            start = width - len(items[r].input_ids) if self.padding_side == "left" else 0
-            self.kv.put(items[r].input_ids[:n], kv_of(cache, r, start, n))
-        return out.last_hidden_state, reward_indices(ids, mask, self.rm.pad_token_id, self.rm.meta.reward_token_rule)
+
+        def keep(cache: Any, width: int) -> None:
+            for r, n in rows:  # left padding: a row's tokens end at the right edge (positions count real tokens)
+                start = width - len(items[r].input_ids) if self.padding_side == "left" else 0
+                kv.put(items[r].input_ids[:n], kv_of(cache, r, start, n))
+
+        return plain_forward(self.rm, items, self.padding_side, on_cache=keep)
 
     # -- the paths -------------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -75,15 +75,14 @@ class RewardService:
             executor=torch_thread.EXECUTOR,
             group_key=(lambda job: prefix_key(job.enc)) if settings.prefix_sharing else None)  # prompt mates batch together
         # operations (issue 7): drift monitor fed with every returned reward, optional Redis score cache
-        self.drift: DriftMonitor | None = DriftMonitor(
-            window=settings.drift_window, reference_size=settings.drift_reference_size, bins=settings.drift_bins,
-            collapse_eps=settings.drift_collapse_eps, min_samples=settings.drift_min_samples,
-        ) if settings.drift_enabled else None
+        def monitor() -> DriftMonitor:  # the global one and each run's: the same settings
+            return DriftMonitor(window=settings.drift_window, reference_size=settings.drift_reference_size,
+                                bins=settings.drift_bins, collapse_eps=settings.drift_collapse_eps,
+                                min_samples=settings.drift_min_samples)
+
+        self.drift: DriftMonitor | None = monitor() if settings.drift_enabled else None
         # per-run drift (rewardkit.server.runs): each run named by x-rewardkit-run / run_id against its own start
-        self.runs: RunRegistry | None = RunRegistry(settings.max_runs, lambda: DriftMonitor(
-            window=settings.drift_window, reference_size=settings.drift_reference_size, bins=settings.drift_bins,
-            collapse_eps=settings.drift_collapse_eps, min_samples=settings.drift_min_samples,
-        )) if settings.drift_enabled else None
+        self.runs: RunRegistry | None = RunRegistry(settings.max_runs, monitor) if settings.drift_enabled else None
         self.state: RedisState | None = None  # set by the app when settings.redis_url is given
         self._group_ns = uuid.uuid4().hex[:8]  # group ids stay unique when replicas' windows are merged
         self._request_seq = itertools.count()

@@ -15,6 +15,7 @@ from rewardkit.server.drift import DriftMonitor
 from rewardkit.server.errors import BadRequest, Forbidden
 from rewardkit.server.runs import RunRegistry, RunTag, check_prefix, tag_from_headers
 from rewardkit.server.settings import Settings
+from tests.unit.server.test_monitoring import _settings as monitoring_settings
 from tests.unit.server.test_monitoring import samples
 
 KEY_A, KEY_ANY = "key-team-a-123456", "key-admin-123456"
@@ -26,10 +27,7 @@ def rm(tiny_llama_dir: Path) -> RewardModel:
 
 
 def _settings(model_dir: Path, **kw: object) -> Settings:
-    base: dict[str, object] = dict(model=str(model_dir), max_length=64, max_batch_tokens=4096, drift_min_samples=10,
-                                   drift_reference_size=20, drift_window=40, max_runs=3)
-    base.update(kw)
-    return Settings(**base)  # type: ignore[arg-type]
+    return monitoring_settings(model_dir, **{"drift_window": 40, "max_runs": 3, **kw})
 
 
 @pytest.fixture()

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rewardkit.server.protocol import ChatMessage, Usage, count_validator
+from rewardkit.server.runs import MAX_STEP, RUN_ID_RE
 
 
 class RewardItem(BaseModel):
@@ -44,9 +45,9 @@ class RewardRequest(BaseModel):
     beta: float = Field(0.8, ge=0.0, le=1.0, description="ABC: share of the reward spread by attention")
     encoding_format: Literal["base64", "float"] = "base64"
     truncate: bool | None = Field(None, description="override the server's truncation setting for this request")
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$", description=(
+    run_id: str | None = Field(None, pattern=RUN_ID_RE.pattern, description=(
         "the training run these rewards are for (per-run drift and metrics); wins over the x-rewardkit-run header"))
-    step: int | None = Field(None, ge=0, le=2**53, description="the trainer's step (needs run_id or the header)")
+    step: int | None = Field(None, ge=0, le=MAX_STEP, description="the trainer's step (needs run_id or the header)")
 
 
 class DenseReward(BaseModel):
