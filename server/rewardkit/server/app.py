@@ -23,6 +23,7 @@ from rewardkit.server.middleware import (
     AuthMiddleware,
     BodyLimitMiddleware,
     DisconnectMiddleware,
+    ReplicaHeaderMiddleware,
     RequestMetricsMiddleware,
 )
 from rewardkit.server.native import router as native
@@ -34,6 +35,7 @@ from rewardkit.server.r2m import router as r2m
 from rewardkit.server.r2m import wiring as r2m_wiring
 from rewardkit.server.service import RewardService
 from rewardkit.server.settings import Settings
+from rewardkit.server.state import default_replica_id
 from rewardkit.server.vllm import router as vllm
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,15 @@ def build_service(state: AppState, rm: RewardModel) -> RewardService:
     return service
 
 
-def create_app(settings: Settings | None = None, rm: RewardModel | None = None) -> FastAPI:
-    """Build the app. ``rm``: an already-loaded model (tests); otherwise ``settings.model`` loads at start-up."""
+def create_app(settings: Settings | None = None, rm: RewardModel | None = None, *,
+               load_before_ready: bool = False) -> FastAPI:
+    """Build the app. ``rm``: an already-loaded model (tests); otherwise ``settings.model`` loads at start-up.
+
+    ``load_before_ready``: the lifespan start-up waits for the model and raises when it cannot load (Ray Serve: a
+    replica takes traffic only once its start-up is done, and one that fails is replaced). By default the model
+    loads in the background while ``/health`` answers and ``/ready`` says 503."""
     settings = settings or Settings()
-    state = AppState(settings=settings)
+    state = AppState(settings=settings, replica_id=settings.replica_id or default_replica_id())
     # metrics on the app's own registry, before the service exists (the service records batches and rewards)
     state.metrics = Metrics(CollectorRegistry())
     state.metrics.registry.register(OperationsCollector(state))
@@ -78,9 +85,12 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ops_redis.start_redis(state)  # no-op without settings.redis_url; a down Redis does not block
-        if rm is not None:
+        if rm is not None or load_before_ready:
             await _load()
             loader = None
+            if state.load_error:
+                await ops_redis.stop_redis(state)
+                raise RuntimeError(f"the model could not be loaded: {state.load_error}")
         else:
             loader = asyncio.create_task(_load())
         try:
@@ -105,5 +115,6 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None) 
     app.add_middleware(AuthMiddleware, state=state)  # type: ignore[arg-type]  # before any body is read
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,  # type: ignore[arg-type]
                        exempt_prefixes=("/v1/r2m/feedback", "/v1/r2m/rewards"))  # r2m_max_stream_bytes applies
-    app.add_middleware(RequestMetricsMiddleware, state=state)  # type: ignore[arg-type]  # outermost: sees 413s
+    app.add_middleware(RequestMetricsMiddleware, state=state)  # type: ignore[arg-type]  # sees 413s
+    app.add_middleware(ReplicaHeaderMiddleware, replica_id=state.replica_id)  # type: ignore[arg-type]  # outermost
     return app

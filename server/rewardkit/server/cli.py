@@ -52,6 +52,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--abc-num-layers", type=int, help="ABC: average the rows of this many layers (default 1)")
     p.add_argument("--no-abc-renormalize", action="store_true",
                    help="ABC: keep the raw attention share instead of renormalising over the response")
+    ray = p.add_argument_group("Ray Serve (with --ray; needs pip install 'rewardkit[ray]'; docs/deploy.md)")
+    ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application: N replicas behind one "
+                     "HTTP address on --host/--port")
+    ray.add_argument("--replicas", default=None, metavar="N|auto",
+                     help="reward replicas, or auto: autoscale on ongoing requests (default 1)")
+    ray.add_argument("--min-replicas", type=int, help="with --replicas auto (default 1)")
+    ray.add_argument("--max-replicas", type=int, help="with --replicas auto (default 4)")
+    ray.add_argument("--target-ongoing-requests", type=float,
+                     help="with --replicas auto: ongoing requests per replica before one is added (default 16)")
+    ray.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--num-cpus", type=float, help="CPUs per replica (default 1; also its torch threads)")
+    ray.add_argument("--max-ongoing-requests", type=int, help="requests one replica takes at once (default 256)")
+    ray.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://head:10001); default: start "
+                     "a local Ray instance, stopped on exit")
     p.set_defaults(func=run)
     add_updater_parser(sub)
 
@@ -120,7 +134,8 @@ class SettingsError(ValueError):
         self.lines = lines
 
 
-def _settings(args: argparse.Namespace, Settings: type) -> Settings:  # noqa: N803
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The Settings fields the flags set (the environment supplies the rest)."""
     overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
     if args.no_truncate:
         overrides["truncate"] = False
@@ -128,19 +143,38 @@ def _settings(args: argparse.Namespace, Settings: type) -> Settings:  # noqa: N8
         overrides["prefix_sharing"] = False
     if args.no_abc_renormalize:
         overrides["abc_renormalize"] = False
-    return Settings(**overrides)  # type: ignore[no-any-return]
+    return overrides
+
+
+def _settings(args: argparse.Namespace, Settings: type) -> Settings:  # noqa: N803
+    return Settings(**_overrides(args))  # type: ignore[no-any-return]
+
+
+def _preflight_ray(settings: Settings, local: bool) -> None:
+    """For a local Ray instance, what :func:`preflight` checks except the device (the replicas pick theirs); on a
+    cluster the model path and the port are the nodes', not this machine's."""
+    if not local:
+        return
+    from rewardkit.core.preflight import check_model_spec
+
+    check_model_spec(settings.model)
+    _check_port(settings)
 
 
 def preflight(settings: Settings) -> None:
     """Fail before any model code: a model path that cannot be a model, a device torch would not take, a port that
     is taken (the model would otherwise load for ~50 s before the bind fails)."""
-    import errno
-    import socket
-
     from rewardkit.core.preflight import check_device, check_model_spec
 
     check_device(settings.device)
     check_model_spec(settings.model)
+    _check_port(settings)
+
+
+def _check_port(settings: Settings) -> None:
+    import errno
+    import socket
+
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -155,14 +189,26 @@ def preflight(settings: Settings) -> None:
             raise ConfigError(f"cannot bind {settings.host}:{settings.port}: {exc.strerror}") from None
 
 
+_RAY_ONLY = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "num_gpus", "num_cpus",
+             "max_ongoing_requests", "ray_address")
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
     from rewardkit.core.errors import ConfigError
 
+    use_ray = getattr(args, "ray", False)
+    stray = [f"--{n.replace('_', '-')}" for n in _RAY_ONLY if getattr(args, n, None) is not None]
+    if stray and not use_ray:
+        print(f"error: {', '.join(stray)} : these flags need --ray", file=sys.stderr)
+        return 2
     try:
         settings = settings_from_args(args)
-        preflight(settings)
+        if use_ray:
+            _preflight_ray(settings, local=not args.ray_address)
+        else:
+            preflight(settings)
     except SettingsError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
@@ -170,13 +216,20 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not settings.is_loopback() and not settings.api_keys:
+        log.warning("!!! binding %s beyond loopback WITHOUT API keys: anyone who can reach this port can use the "
+                    "server. Set REWARDKIT_API_KEYS or --api-keys-file. !!!", settings.host)
+    if use_ray:
+        try:
+            from rewardkit.server.ray_serve.launch import run_ray
+        except ImportError as exc:
+            print(f"error: --ray needs Ray: pip install 'rewardkit[ray]' ({exc})", file=sys.stderr)
+            return 2
+        return run_ray(settings, _overrides(args), args)
     import uvicorn
 
     from rewardkit.server.app import create_app
 
-    if not settings.is_loopback() and not settings.api_keys:
-        log.warning("!!! binding %s beyond loopback WITHOUT API keys: anyone who can reach this port can use the "
-                    "server. Set REWARDKIT_API_KEYS or --api-keys-file. !!!", settings.host)
     # The model worker thread and the event loop share the GIL; the default 5 ms switch interval makes the loop wait
     # up to 5 ms for the worker's Python-side model code. 0.5 ms keeps HTTP parsing responsive.
     sys.setswitchinterval(0.0005)

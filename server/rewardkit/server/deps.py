@@ -33,6 +33,7 @@ class AppState:
     """Everything the app owns, hung on ``app.state.rk`` (no module-level state)."""
 
     settings: Settings
+    replica_id: str = ""  # this replica's name: the x-rewardkit-replica header, its name in Redis (create_app sets it)
     service: RewardService | None = None  # once the model is loaded
     shutting_down: bool = False
     load_error: str | None = None

@@ -1,5 +1,7 @@
 """The app's ASGI middleware, outermost first as ``create_app`` adds them:
 
+- `ReplicaHeaderMiddleware` (outermost of all) puts ``x-rewardkit-replica`` on every response, errors included, so
+  a client behind a router (Ray Serve, a load balancer) sees which replica answered.
 - `RequestMetricsMiddleware` counts every HTTP request by route *template* (``/v1/rewards``, never a raw path;
   unmatched paths count as ``other``) and status, and times it (``rewardkit_requests_total``,
   ``rewardkit_request_duration_seconds``); it sees the 413s and 401s of the layers inside it.
@@ -29,6 +31,27 @@ log = logging.getLogger(__name__)
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+
+class ReplicaHeaderMiddleware:
+    """Add ``x-rewardkit-replica: <replica_id>`` to every HTTP response."""
+
+    def __init__(self, app: ASGIApp, replica_id: str) -> None:
+        self.app = app
+        self.header = (b"x-rewardkit-replica", replica_id.encode("latin-1", "replace"))
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, tagged)
 
 
 class BodyLimitMiddleware:

@@ -149,6 +149,11 @@ class Scheduler(Generic[P, R]):
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def alive(self) -> bool:
+        """The batching loop is running (started, not stopped, not crashed)."""
+        return self._task is not None and not self._task.done() and not self._closing
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="rewardkit-batcher")

@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(3600, ge=0, description="TTL of cached scores in Redis; 0 disables the score cache")
     redis_namespace: str = Field("rewardkit", min_length=1, description="key prefix in Redis (one per fleet)")
     redis_op_timeout_s: float = Field(0.5, gt=0, le=30, description="a slower Redis operation counts as Redis down")
-    replica_id: str | None = Field(None, description="this replica's name in Redis (default: host-pid-random)")
+    replica_id: str | None = Field(None, description="this replica's name in Redis and in the x-rewardkit-replica "
+                                   "header (default: host-pid-random)")
     # drift monitoring (see rewardkit.server.drift)
     drift_enabled: bool = Field(True, description="feed returned rewards to the drift monitor")
     drift_window: int = Field(2048, ge=2, description="rewards in the sliding drift window")

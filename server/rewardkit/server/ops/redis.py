@@ -25,7 +25,7 @@ async def start_redis(state: AppState) -> RedisState | None:
             return None
         return svc.rm.model_id, svc.drift.to_state()
 
-    rs = RedisState(s.redis_url, namespace=s.redis_namespace, replica_id=s.replica_id, cache_ttl_s=s.cache_ttl_s,
+    rs = RedisState(s.redis_url, namespace=s.redis_namespace, replica_id=state.replica_id, cache_ttl_s=s.cache_ttl_s,
                     op_timeout_s=s.redis_op_timeout_s, drift_provider=drift_provider,
                     drift_sync_interval_s=s.drift_sync_interval_s)
 

@@ -26,12 +26,29 @@ import os
 import signal
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def run_updater(settings: object, cpus: Sequence[int] = ()) -> int:
-    """Run the updater until SIGTERM/SIGINT. Returns the exit status."""
+class RunningUpdater:
+    """An updater started by :func:`start_updater`: its Redis loop thread, queue and GREBT thread; ``stop()`` ends
+    them after the update in flight (the CLI on SIGTERM, the Ray actor on shutdown)."""
+
+    def __init__(self, updater: Any, queue: Any, rs: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.updater, self.queue, self.rs, self.loop = updater, queue, rs, loop
+
+    def stop(self) -> None:
+        self.updater.stop()
+        self.queue.close()
+        asyncio.run_coroutine_threadsafe(self.rs.close(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        log.info("r2m-updater stopped active=%s updates=%d groups=%d", self.updater.active.version,
+                 self.updater.updates_applied, self.updater.groups_applied)
+
+
+def start_updater(settings: object, cpus: Sequence[int] = (), name: str | None = None) -> RunningUpdater:
+    """Load the model on CPU, connect to Redis and start the GREBT thread on the servers' feedback stream."""
     import torch
 
     from rewardkit.core.loading import load_reward_model
@@ -51,25 +68,26 @@ def run_updater(settings: object, cpus: Sequence[int] = ()) -> int:
     loop_thread = threading.Thread(target=loop.run_forever, name="r2m-updater-redis", daemon=True)
     loop_thread.start()
     rs = RedisState(settings.redis_url, namespace=settings.redis_namespace,
-                    replica_id=settings.replica_id or f"r2m-updater-{os.getpid()}",
+                    replica_id=settings.replica_id or name or f"r2m-updater-{os.getpid()}",
                     op_timeout_s=max(settings.redis_op_timeout_s, 2.0))
     asyncio.run_coroutine_threadsafe(rs.connect(), loop).result(timeout=30)
     updater, queue, d_policy = make_updater(settings, rm, rs, loop)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     updater.start()
     log.info("r2m-updater running model=%s active=%s d_policy=%d cpus=%s stream=%s", rm.model_id,
              updater.active.version, d_policy, sorted(os.sched_getaffinity(0)), getattr(queue, "stream", "?"))
+    return RunningUpdater(updater, queue, rs, loop)
+
+
+def run_updater(settings: object, cpus: Sequence[int] = ()) -> int:
+    """Run the updater until SIGTERM/SIGINT. Returns the exit status."""
+    running = start_updater(settings, cpus)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.wait(5.0):
-            if updater.last_error:
-                log.warning("r2m-updater last error: %s", updater.last_error)
+            if running.updater.last_error:
+                log.warning("r2m-updater last error: %s", running.updater.last_error)
     finally:
-        updater.stop()
-        queue.close()
-        asyncio.run_coroutine_threadsafe(rs.close(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        log.info("r2m-updater stopped active=%s updates=%d groups=%d", updater.active.version,
-                 updater.updates_applied, updater.groups_applied)
+        running.stop()
     return 0
