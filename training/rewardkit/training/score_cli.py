@@ -23,6 +23,7 @@ at once. Errors name the row (0-based, as ``row_index``) and, for JSONL, its lin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -188,7 +189,12 @@ def journal_hashes(path: Path) -> dict[int, str | None]:
 
 
 def _append(fh: Any, records: Sequence[dict[str, Any]]) -> None:
-    fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    append_lines(fh, [json.dumps(r, ensure_ascii=False) for r in records])
+
+
+def append_lines(fh: Any, lines: Sequence[str]) -> None:
+    """Append JSON lines to the journal, flushed and fsynced before the caller goes on."""
+    fh.write("".join(line + "\n" for line in lines))
     fh.flush()
     os.fsync(fh.fileno())
 
@@ -247,6 +253,41 @@ def score_file(input_path: Path, output_path: Path, scorer: Any, *, chunk_rows: 
     """Score every row of ``input_path`` into ``output_path`` (resuming a previous partial run); return a summary."""
     from tqdm.auto import tqdm
 
+    job = prepare_output(input_path, output_path)
+    bar = tqdm(total=job.total, initial=len(job.done), unit="row", desc="score", disable=not progress,
+               dynamic_ncols=True)
+    with job.journal.open("a", encoding="utf-8") as fh:
+        chunk: list[tuple[int, dict[str, Any], list[str], list[dict[str, Any]]]] = []
+        for idx, (where, row) in enumerate(iter_rows_located(input_path)):
+            if idx in job.done:
+                continue
+            keys, items = row_items(row, idx, where)
+            chunk.append((idx, row, keys, items))
+            if len(chunk) >= chunk_rows:
+                _flush_chunk(fh, chunk, scorer)
+                bar.update(len(chunk))
+                chunk = []
+        if chunk:
+            _flush_chunk(fh, chunk, scorer)
+            bar.update(len(chunk))
+    bar.close()
+    return finish_output(job)
+
+
+@dataclasses.dataclass
+class OutputJob:
+    """Where a scoring run writes: the journal, the rows already in it, the input's row count."""
+
+    input_path: Path
+    output_path: Path
+    journal: Path
+    parquet_out: bool
+    done: dict[int, str | None]
+    total: int
+
+
+def prepare_output(input_path: Path, output_path: Path) -> OutputJob:
+    """Check the output name, read back the journal (cut a torn tail), check that it belongs to this input."""
     out_name = output_path.name.lower()
     parquet_out = out_name.endswith((".parquet", ".pq"))
     if not parquet_out and not out_name.endswith((".jsonl", ".ndjson")):
@@ -261,25 +302,14 @@ def score_file(input_path: Path, output_path: Path, scorer: Any, *, chunk_rows: 
     if done:
         _check_resume(journal, input_path, done)
         print(f"resumed {len(done)} of {total} rows from {journal}", file=sys.stderr)
-    bar = tqdm(total=total, initial=len(done), unit="row", desc="score", disable=not progress, dynamic_ncols=True)
-    with journal.open("a", encoding="utf-8") as fh:
-        chunk: list[tuple[int, dict[str, Any], list[str], list[dict[str, Any]]]] = []
-        for idx, (where, row) in enumerate(iter_rows_located(input_path)):
-            if idx in done:
-                continue
-            keys, items = row_items(row, idx, where)
-            chunk.append((idx, row, keys, items))
-            if len(chunk) >= chunk_rows:
-                _flush_chunk(fh, chunk, scorer)
-                bar.update(len(chunk))
-                chunk = []
-        if chunk:
-            _flush_chunk(fh, chunk, scorer)
-            bar.update(len(chunk))
-    bar.close()
-    records = _read_records(journal)
-    if parquet_out:
-        _write_parquet(records, output_path)
+    return OutputJob(input_path, output_path, journal, parquet_out, done, total)
+
+
+def finish_output(job: OutputJob) -> dict[str, Any]:
+    """Parquet output from the journal (rows in input order), and the summary."""
+    records = _read_records(job.journal)
+    if job.parquet_out:
+        _write_parquet(records, job.output_path)
     return summarise(records)
 
 
@@ -308,6 +338,12 @@ def _count_rows(path: Path) -> int:
 
 def _flush_chunk(fh: Any, chunk: list[tuple[int, dict[str, Any], list[str], list[dict[str, Any]]]],
                  scorer: Any) -> None:
+    _append(fh, score_chunk(chunk, scorer))
+
+
+def score_chunk(chunk: Sequence[tuple[int, dict[str, Any], list[str], list[dict[str, Any]]]],
+                scorer: Any) -> list[dict[str, Any]]:
+    """Output records of (row_index, row, reward keys, items) tuples: the row, its index and hash, its rewards."""
     flat = [it for _, _, _, items in chunk for it in items]
     rewards = scorer(flat)
     records, k = [], 0
@@ -317,7 +353,7 @@ def _flush_chunk(fh: Any, chunk: list[tuple[int, dict[str, Any], list[str], list
             rec[key] = rewards[k]
             k += 1
         records.append(rec)
-    _append(fh, records)
+    return records
 
 
 def _read_records(journal: Path) -> list[dict[str, Any]]:
@@ -354,6 +390,39 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _ray_args_error(args: argparse.Namespace) -> str | None:
+    given = [f"--{n.replace('_', '-')}" for n in ("actors", "num_gpus", "ray_address") if getattr(args, n) is not None]
+    if not args.ray:
+        return f"{', '.join(given)}: these flags need --ray" if given else None
+    if args.url:
+        return "--ray scores in Ray actors; it does not go with --url"
+    if args.actors is not None and args.actors < 1:
+        return f"--actors must be >= 1 (got {args.actors})"
+    if (args.num_gpus is not None and args.num_gpus < 0) or args.num_cpus < 0:
+        return "--num-gpus and --num-cpus must be >= 0"
+    return None
+
+
+def _run_ray(args: argparse.Namespace, inp: Path, outp: Path, t0: float) -> int:
+    try:
+        from rewardkit.training.score_ray import score_file_ray
+    except ImportError as exc:
+        print(f"error: --ray needs Ray: pip install 'rewardkit[ray]' ({exc})", file=sys.stderr)
+        return 2
+    scorer_kw = {"model": args.model, "device": args.device, "dtype": args.dtype, "max_length": args.max_length,
+                 "max_tokens": args.max_batch_tokens, "prefix_sharing": args.prefix_sharing}
+    try:
+        summary = score_file_ray(inp, outp, scorer_kw, actors=args.actors, num_gpus=args.num_gpus,
+                                 num_cpus=args.num_cpus, chunk_rows=args.chunk_rows, ray_address=args.ray_address,
+                                 progress=not args.no_progress)
+    except ScoreInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary["seconds"] = round(time.time() - t0, 2)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _unreachable(url: str) -> str | None:
     """None when ``url`` answers ``/health``; else a short reason (no retries: fail in seconds, not ~15 s)."""
     import httpx
@@ -388,6 +457,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
     p.add_argument("--no-progress", action="store_true")
+    ray = p.add_argument_group("Ray Data (with --ray; needs pip install 'rewardkit[ray]')")
+    ray.add_argument("--ray", action="store_true", help="score on Ray Data: one scorer (one model) per actor")
+    ray.add_argument("--actors", type=int, help="scorer actors (default: one per GPU of the cluster, else 1)")
+    ray.add_argument("--num-gpus", type=float, help="GPUs per actor (default 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ray.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray instance)")
     p.set_defaults(func=run)
 
 
@@ -398,6 +473,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.chunk_rows < 1:
         print("error: --chunk-rows must be >= 1", file=sys.stderr)
+        return 2
+    bad = _ray_args_error(args)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
         return 2
     from rewardkit.core.errors import ConfigError
     from rewardkit.core.preflight import check_model_spec
@@ -410,6 +489,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.time()
+    if args.ray:
+        return _run_ray(args, inp, outp, t0)
     scorer: Any
     if args.url:
         from rewardkit.client import RewardClient
