@@ -7,6 +7,7 @@ one, the application joins that cluster and on exit only this application is del
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -48,7 +49,10 @@ def run_ray(settings: Any, overrides: dict[str, Any], args: Any) -> int:
     rc = 0
     previous: dict[int, Any] = {}
     try:
-        if local:
+        if local:  # the proxy actor inherits this: 503, not 500, for requests whose replica died
+            from rewardkit.server.ray_serve import proxy
+
+            os.environ.setdefault(proxy.ENV, proxy.CALLBACK)
             ray.init(address="local", include_dashboard=False, log_to_driver=True)
         else:
             ray.init(address=args.ray_address, log_to_driver=True)
