@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["score_file_ray"]
 
+IDX = "__rewardkit_row_index__"  # the index column Ray Data carries beside the input's own (which may hold an "id")
+
 # Ray Data's read and zip tasks ask for one CPU each by default; an actor pool that holds every CPU then starves
 # them and the run hangs (seen on 2 cores). They are light: a fraction each.
 _LIGHT = {"num_cpus": 0.25}
@@ -43,17 +45,17 @@ class _RowScorer:
     def __call__(self, batch: Any) -> dict[str, list[Any]]:
         from rewardkit.training.score_cli import row_items, score_chunk
 
-        ids = batch["id"].to_pylist()
+        ids = batch[IDX].to_pylist()
         if self.jsonl:
             rows = [json.loads(t) for t in batch["text"].to_pylist()]
         else:
-            rows = batch.drop_columns(["id"]).to_pylist()
+            rows = batch.drop_columns([IDX]).to_pylist()
         chunk = []
         for idx, row in zip(ids, rows, strict=True):
             keys, items = row_items(row, idx)
             chunk.append((idx, row, keys, items))
         records = score_chunk(chunk, self.scorer)
-        return {"id": ids, "record": [json.dumps(r, ensure_ascii=False) for r in records]}
+        return {IDX: ids, "record": [json.dumps(r, ensure_ascii=False) for r in records]}
 
 
 def score_file_ray(input_path: Path, output_path: Path, scorer_kw: dict[str, Any], *, actors: int | None = None,
@@ -108,7 +110,7 @@ def _is_parquet(path: Path) -> bool:
 
 
 def _dataset(path: Path, total: int, done: frozenset[int]) -> Any:
-    """Rows of ``path`` with their 0-based index as ``id``, journaled rows dropped.
+    """Rows of ``path`` with their 0-based index as ``IDX``, journaled rows dropped.
 
     Ray Data's ``zip`` with an index dataset would number the rows, but its tasks take a whole CPU each and an
     actor pool holding every CPU starves them (a hang, seen on 2 cores). So the file is read first, in order, into
@@ -141,12 +143,12 @@ def _num_rows(table: Any) -> int:
 
 @ray.remote
 def _numbered(table: Any, offset: int, done: Any) -> Any:
-    """The block with an ``id`` column (its rows' indices in the file), rows already journaled dropped."""
+    """The block with an ``IDX`` column (its rows' indices in the file), rows already journaled dropped."""
     import numpy as np
     import pyarrow as pa
 
     ids = np.arange(offset, offset + table.num_rows, dtype=np.int64)
-    out = table.add_column(0, "id", pa.array(ids))
+    out = table.add_column(0, IDX, pa.array(ids))
     if len(done):
         out = out.filter(pa.array(~np.isin(ids, done)))
     return out
