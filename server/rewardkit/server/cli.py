@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     use_ray = getattr(args, "ray", False)
     stray = [f"--{n.replace('_', '-')}" for n in _RAY_ONLY if getattr(args, n, None) is not None]
     if stray and not use_ray:
-        print(f"error: {', '.join(stray)} : these flags need --ray", file=sys.stderr)
+        print(f"error: {', '.join(stray)}: these flags need --ray", file=sys.stderr)
         return 2
     try:
         settings = settings_from_args(args)

@@ -49,6 +49,10 @@ def _serve(*argv: str, env: dict[str, str] | None = None, timeout: float = 60) -
     (["--model", "org/not-here"], "HF_HUB_OFFLINE is set"),
     (["--device", "gpu"], "--device 'gpu': must be auto, cpu, cuda, cuda:N or mps"),
     (["--max-batch-size", "0"], "setting max_batch_size (--max-batch-size / REWARDKIT_MAX_BATCH_SIZE)"),
+    (["--replicas", "2"], "--replicas: these flags need --ray"),
+    (["--ray", "--replicas", "0"], "replicas: expected a count >= 1 or 'auto', got 0"),
+    (["--ray", "--replicas", "auto", "--min-replicas", "3", "--max-replicas", "2"], "max_replicas must be >="),
+    (["--ray", "--model", "/nonexistent/rm"], "--model /nonexistent/rm: no such directory"),
 ])
 def test_bad_configuration_exits_at_once_with_one_clear_line(argv: list[str], message: str) -> None:
     r = _serve(*argv)
