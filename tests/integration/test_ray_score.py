@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rewardkit.training.score_cli import InProcessScorer, score_file
+from rewardkit.training.score_io import InProcessScorer, score_file
 
 pytest.importorskip("ray.data", reason="the ray extra is not installed (pip install 'rewardkit[ray]')")
 pytestmark = pytest.mark.slow

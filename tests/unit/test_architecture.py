@@ -111,3 +111,15 @@ def test_module_and_function_sizes() -> None:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (rel, node.name) not in TABLES:
                 n = (node.end_lineno or node.lineno) - node.lineno + 1
                 assert n <= 80, f"{rel}:{node.lineno} {node.name} is {n} lines"
+
+
+def test_only_the_ray_modules_import_ray() -> None:
+    """Ray is an extra: the base, serve and train installs run without it."""
+    allowed = {"rewardkit.training.score_ray"}
+    for name, path in _modules().items():
+        if name.startswith("rewardkit.server.ray_serve") or name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(m == "ray" or m.startswith("ray.") for m in mods), f"{name} imports {mods}"

@@ -37,13 +37,13 @@ class _RowScorer:
     """One Ray Data actor: an ``InProcessScorer`` (one model) for the batches it is given."""
 
     def __init__(self, jsonl: bool, scorer_kw: dict[str, Any]) -> None:
-        from rewardkit.training.score_cli import InProcessScorer
+        from rewardkit.training.score_io import InProcessScorer
 
         self.jsonl = jsonl
         self.scorer = InProcessScorer(**scorer_kw)
 
     def __call__(self, batch: Any) -> dict[str, list[Any]]:
-        from rewardkit.training.score_cli import row_items, score_chunk
+        from rewardkit.training.score_io import row_items, score_chunk
 
         ids = batch[IDX].to_pylist()
         if self.jsonl:
@@ -67,7 +67,7 @@ def score_file_ray(input_path: Path, output_path: Path, scorer_kw: dict[str, Any
     prefix_sharing). ``actors``: scorers (default: one per GPU in the cluster, else 1)."""
     from tqdm.auto import tqdm
 
-    from rewardkit.training.score_cli import append_lines, finish_output, prepare_output
+    from rewardkit.training.score_io import append_lines, finish_output, prepare_output
 
     job = prepare_output(input_path, output_path)
     pending = job.total - len(job.done)
