@@ -65,24 +65,60 @@ def run_model(name: str, model: str | None, pairs: list[tuple[str, str]], concur
     return rows
 
 
+def proxy_ceiling(model: str, seconds: int, tmp: Path) -> list[dict[str, object]]:
+    """Requests/s of GET /health (no model work) straight to uvicorn and through Serve's proxy: what the extra hop
+    costs, and the request rate one proxy (one core here) can route before the router is the limit."""
+    import re
+    import shutil
+    import subprocess
+
+    exe = shutil.which("wrk")
+    if exe is None:
+        raise RuntimeError("wrk not installed (apt-get install wrk)")
+    serve = [python(), "-m", "rewardkit.cli", "serve", "--model", model]
+    rows: list[dict[str, object]] = []
+    for label, cmd, port in (("plain serve", [*serve, "--port", "8744"], 8744),
+                             ("ray, 1 replica", [*serve, "--port", "8745", "--ray"], 8745)):
+        url = f"http://127.0.0.1:{port}"
+        proc = start_process(cmd, url, tmp / f"health-{port}.log")
+        try:
+            out = subprocess.run([exe, "-t", "2", "-c", "16", "-d", f"{seconds}s", "--latency", url + "/health"],
+                                 capture_output=True, text=True, check=True).stdout
+        finally:
+            stop_process(proc)
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        rows.append({"model": "none (GET /health)", "server": label, "requests_per_s": rps})
+        print(f"GET /health | {label:<16} | {rps:8.0f} req/s", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=int, default=15, help="wrk duration per configuration")
+    ap.add_argument("--proxy-only", action="store_true", help="only the GET /health proxy ceiling; results are "
+                    "merged into the existing ray_replicas.json")
     args = ap.parse_args()
     from rewardkit.core.testing import make_tiny_reward_model
 
     tmp = Path(tempfile.mkdtemp(prefix="rk-bench-ray-"))
     tiny = str(make_tiny_reward_model(tmp / "tiny", arch="llama", hidden=64, layers=2))
+    out = ROOT / "bench/results/ray_replicas.json"
+    if args.proxy_only:
+        data = json.loads(out.read_text()) if out.exists() else {"rows": []}
+        data["proxy"] = proxy_ceiling(tiny, args.seconds, tmp)
+        write_json(out, data)
+        return
     p, k = (8, 4) if args.quick else (16, 8)
     rows = run_model("tiny", tiny, grpo_workload(p * 4, k, (40, 250), (10, 150)), args.concurrency,
                      args.seconds, tmp)
     if not args.quick:
         rows += run_model("smollm2", None, grpo_workload(8, 4, (40, 250), (10, 150), seed=1), args.concurrency,
                           args.seconds * 2, tmp)
-    write_json(ROOT / "bench/results/ray_replicas.json", {"rows": rows, "concurrency": args.concurrency,
-                                                           "cpus": len(os.sched_getaffinity(0))})
+    proxy = proxy_ceiling(tiny, 10, tmp)
+    write_json(out, {"rows": rows, "proxy": proxy, "concurrency": args.concurrency,
+                     "cpus": len(os.sched_getaffinity(0))})
 
 
 if __name__ == "__main__":
