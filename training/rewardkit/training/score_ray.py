@@ -133,7 +133,7 @@ def _dataset(path: Path, total: int, done: frozenset[int]) -> Any:
     done_ref = ray.put(np.array(sorted(done), dtype=np.int64))
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
     numbered = [_numbered.options(**_LIGHT).remote(b, int(off), done_ref) for b, off in zip(blocks, offsets, strict=True)]
-    return ray.data.from_arrow_refs(numbered)
+    return ray.data.from_arrow_refs(numbered)  # type: ignore[arg-type]  # two ObjectRef classes, one object
 
 
 @ray.remote

@@ -202,12 +202,13 @@ def build_application(overrides: Mapping[str, Any], scale: Scale, env: Mapping[s
         log.warning(warning)
     updater = None
     if with_updater:
-        updater = serve.deployment(R2MUpdater, name="R2MUpdater", num_replicas=1, health_check_period_s=10.0,
-                                   ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(env)}},
-                                   ).bind(dict(overrides))
+        updater_dep: Any = serve.deployment(  # Any: serve.deployment's overloads hide .bind from mypy
+            R2MUpdater, name="R2MUpdater", num_replicas=1, health_check_period_s=10.0,
+            ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": dict(env)}})
+        updater = updater_dep.bind(dict(overrides))
     grace = Settings(**rep_overrides).grace_period_s
-    deployment = serve.deployment(RewardReplica, name="RewardReplica", **replica_options(scale, grace, env))
-    return deployment.bind(rep_overrides, updater)
+    deployment: Any = serve.deployment(RewardReplica, name="RewardReplica", **replica_options(scale, grace, env))
+    return deployment.bind(rep_overrides, updater)  # type: ignore[no-any-return]
 
 
 def app_builder(args: dict[str, Any]) -> Application:
