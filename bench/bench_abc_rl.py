@@ -403,6 +403,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="16,64,128")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rm-pairs", type=int, default=4000, help="BT training pairs of the reward model")
+    ap.add_argument("--rm-epochs", type=float, default=3)
+    ap.add_argument("--skip-default-model", action="store_true", help="no faithfulness run on the default model")
     ap.add_argument("--out", default=str(ROOT / "bench/results/abc_rl.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs/abc_rl_curves.png"))
     args = ap.parse_args()
@@ -412,7 +415,8 @@ def main() -> None:
     torch.set_num_threads(1)  # the server has the other core
     tmp = Path(tempfile.mkdtemp(prefix="rk-abc-rl-"))
     t0 = time.time()
-    rm_dir, rm_info = train_rm(tmp, 1000 if args.quick else 4000, max(lengths), seed=0)
+    rm_dir, rm_info = train_rm(tmp, 1000 if args.quick else args.rm_pairs, max(lengths), seed=0,
+                               epochs=args.rm_epochs)
     print(f"reward model: {rm_info}", flush=True)
     url = "http://127.0.0.1:8762"
     # padding-free off: a batch of one length's ABC items is one forward (padding-free runs dense items one by one)
@@ -439,7 +443,7 @@ def main() -> None:
     finally:
         stop_process(proc)
     faithfulness = {"task_rm": faith}
-    if not args.quick:
+    if not args.quick and not args.skip_default_model:
         faithfulness["default_model"] = fd = faithfulness_default(tmp, 40, seed=2)
         print(f"faithfulness (default model): {fd}", flush=True)
     summarise(runs)
