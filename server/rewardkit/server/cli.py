@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     ray.add_argument("--num-gpus", type=float, help="GPUs per replica (default 1 when the cluster has GPUs, else 0)")
     ray.add_argument("--num-cpus", type=float, help="CPUs per replica (default 1; also its torch threads)")
     ray.add_argument("--max-ongoing-requests", type=int, help="requests one replica takes at once (default 256)")
-    ray.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://head:10001); default: start "
+    ray.add_argument("--ray-address", help="join this Ray cluster (auto, or the head's host:port); default: start "
                      "a local Ray instance, stopped on exit")
     p.set_defaults(func=run)
     add_updater_parser(sub)
