@@ -85,7 +85,7 @@ def score_file_ray(input_path: Path, output_path: Path, scorer_kw: dict[str, Any
         gpus = float(ray.cluster_resources().get("GPU", 0))
         per_actor_gpus = num_gpus if num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
         n_actors = actors or (max(1, int(gpus // per_actor_gpus)) if per_actor_gpus else 1)
-        ds = _dataset(input_path, job.total, frozenset(job.done))
+        ds = _dataset(input_path, job.total, frozenset(job.done), chunk_rows)
         scored = ds.map_batches(_RowScorer, fn_constructor_kwargs={"jsonl": not _is_parquet(input_path),
                                                                    "scorer_kw": scorer_kw},
                                 batch_size=chunk_rows, batch_format="pyarrow", concurrency=n_actors,
@@ -109,7 +109,7 @@ def _is_parquet(path: Path) -> bool:
     return path.name.lower().endswith((".parquet", ".pq"))
 
 
-def _dataset(path: Path, total: int, done: frozenset[int]) -> Any:
+def _dataset(path: Path, total: int, done: frozenset[int], chunk_rows: int) -> Any:
     """Rows of ``path`` with their 0-based index as ``IDX``, journaled rows dropped.
 
     Ray Data's ``zip`` with an index dataset would number the rows, but its tasks take a whole CPU each and an
@@ -132,7 +132,8 @@ def _dataset(path: Path, total: int, done: frozenset[int]) -> Any:
         raise RuntimeError(f"Ray Data read {sum(counts)} rows from {path}, the in-process reader {total}")
     done_ref = ray.put(np.array(sorted(done), dtype=np.int64))
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-    numbered = [_numbered.options(**_LIGHT).remote(b, int(off), done_ref) for b, off in zip(blocks, offsets, strict=True)]
+    numbered = [_numbered.options(**_LIGHT).remote(b, int(off), start, min(start + chunk_rows, n), done_ref)
+                for b, off, n in zip(blocks, offsets, counts, strict=True) for start in range(0, n, chunk_rows)]
     return ray.data.from_arrow_refs(numbered)  # type: ignore[arg-type]  # two ObjectRef classes, one object
 
 
@@ -142,13 +143,14 @@ def _num_rows(table: Any) -> int:
 
 
 @ray.remote
-def _numbered(table: Any, offset: int, done: Any) -> Any:
-    """The block with an ``IDX`` column (its rows' indices in the file), rows already journaled dropped."""
+def _numbered(table: Any, offset: int, start: int, stop: int, done: Any) -> Any:
+    """Rows ``start:stop`` of a block with an ``IDX`` column (their indices in the file; the block starts at
+    ``offset``), rows already journaled dropped."""
     import numpy as np
     import pyarrow as pa
 
-    ids = np.arange(offset, offset + table.num_rows, dtype=np.int64)
-    out = table.add_column(0, IDX, pa.array(ids))
+    ids = np.arange(offset + start, offset + stop, dtype=np.int64)
+    out = table.slice(start, stop - start).add_column(0, IDX, pa.array(ids))
     if len(done):
         out = out.filter(pa.array(~np.isin(ids, done)))
     return out
