@@ -88,7 +88,8 @@ def score_file_ray(input_path: Path, output_path: Path, scorer_kw: dict[str, Any
         ds = _dataset(input_path, job.total, frozenset(job.done), chunk_rows)
         scored = ds.map_batches(_RowScorer, fn_constructor_kwargs={"jsonl": not _is_parquet(input_path),
                                                                    "scorer_kw": scorer_kw},
-                                batch_size=chunk_rows, batch_format="pyarrow", concurrency=n_actors,
+                                batch_size=chunk_rows, batch_format="pyarrow",
+                                compute=ray.data.ActorPoolStrategy(size=n_actors),
                                 num_gpus=per_actor_gpus, num_cpus=num_cpus)
         log.info("score_ray actors=%d num_gpus=%g num_cpus=%g pending=%d", n_actors, per_actor_gpus, num_cpus, pending)
         bar = tqdm(total=job.total, initial=len(job.done), unit="row", desc="score (ray)", disable=not progress,
