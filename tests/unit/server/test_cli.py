@@ -53,6 +53,7 @@ def _serve(*argv: str, env: dict[str, str] | None = None, timeout: float = 60) -
     (["--ray", "--replicas", "0"], "replicas: expected a count >= 1 or 'auto', got 0"),
     (["--ray", "--replicas", "auto", "--min-replicas", "3", "--max-replicas", "2"], "max_replicas must be >="),
     (["--ray", "--model", "/nonexistent/rm"], "--model /nonexistent/rm: no such directory"),
+    (["--ray", "--num-gpus", "-1"], "num_gpus and num_cpus must be >= 0"),
 ])
 def test_bad_configuration_exits_at_once_with_one_clear_line(argv: list[str], message: str) -> None:
     r = _serve(*argv)

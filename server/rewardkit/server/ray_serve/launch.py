@@ -30,7 +30,7 @@ def run_ray(settings: Any, overrides: dict[str, Any], args: Any) -> int:
         for name in ("min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus", "max_ongoing_requests"):
             if getattr(args, name, None) is not None:
                 scale_kw[name] = getattr(args, name)
-        Scale(**scale_kw)  # validate before Ray starts (num_gpus comes from the cluster)
+        Scale(**scale_kw, num_gpus=args.num_gpus or 0.0)  # validate before Ray starts (the default GPUs: the cluster's)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
