@@ -18,7 +18,7 @@ import pytest
 
 from rewardkit.client import RewardClient
 from rewardkit.client.feedback import FeedbackStream, r2m_rewards
-from tests.helpers import RedisProcess, ServerProcess, require_redis
+from tests.helpers import RedisProcess, ServerProcess
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'rewardkit[ray]')")
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -80,14 +80,6 @@ def wait_until(pred, timeout: float = 60.0, what: str = "") -> None:  # type: ig
             return
         time.sleep(0.25)
     raise AssertionError(f"not reached within {timeout}s: {what}")
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    require_redis()
-    rp = RedisProcess(tmp_path_factory.mktemp("redis")).start()
-    yield rp
-    rp.stop()
 
 
 @pytest.fixture(scope="module")

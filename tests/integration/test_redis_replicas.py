@@ -18,19 +18,11 @@ from safetensors.torch import save as save_safetensors
 
 from rewardkit.client import RewardClient
 from rewardkit.server.state import RedisState
-from tests.helpers import RedisProcess, ServerProcess, require_redis
+from tests.helpers import RedisProcess, ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 NS = "it-replicas"
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    require_redis()
-    rp = RedisProcess(tmp_path_factory.mktemp("redis")).start()
-    yield rp
-    rp.stop()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +36,6 @@ def test_constructor_validates() -> None:
         RedisState("redis://127.0.0.1:1/0", op_timeout_s=0)
     with pytest.raises(ValueError, match="backoff"):
         RedisState("redis://127.0.0.1:1/0", backoff_min_s=2, backoff_max_s=1)
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    require_redis()
-    with RedisProcess(tmp_path_factory.mktemp("redis")) as rp:
-        yield rp
 
 
 async def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
