@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from rewardkit.core.formatting import Formatter
     from rewardkit.core.loading import load_reward_model
-    from rewardkit.training.bt import _load_pairs
     from rewardkit.training.features import encode_pairs
     from rewardkit.training.idrm import IdRMConfig, teacher_targets
+    from rewardkit.training.loop import load_pairs as _load_pairs
 
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:

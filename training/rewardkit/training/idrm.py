@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -54,26 +53,24 @@ from torch import nn
 
 from rewardkit.core import checkpoint as ckpt
 from rewardkit.core.abc import capture
-from rewardkit.core.formatting import EncodedItem, Formatter
+from rewardkit.core.formatting import EncodedItem
 from rewardkit.core.forward import pad_batch, reward_indices
-from rewardkit.core.loading import RewardModel, load_reward_model
+from rewardkit.core.loading import RewardModel
 from rewardkit.core.losses import bt_loss, pair_stats
-from rewardkit.training.bt import (
-    LOG_FILE,
-    RESULT_FILE,
+from rewardkit.training.config import IdRMConfig, parse_lora_layers
+from rewardkit.training.features import EncodedPair
+from rewardkit.training.loop import (
     RewardForward,
-    RunLog,
     TrainResult,
-    _batches_forever,
-    _load_pairs,
-    _lr_lambda,
-    _make_accelerator,
-    _raw_rewards,
-    _save,
-    _set_seed,
+    batches_forever,
+    finish_run,
+    lr_lambda,
+    optimise,
+    raw_rewards,
+    set_seed,
+    setup_trainable,
+    start_run,
 )
-from rewardkit.training.config import IdRMConfig
-from rewardkit.training.features import EncodedPair, encode_pairs
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +230,8 @@ def finetune_teacher(teacher: Teacher, examples: Sequence[tuple[Any, ...]], cfg:
     # the head starts at zero and has one vector to learn: 10x the encoder's rate
     opt = torch.optim.AdamW([{"params": teacher.encoder.parameters(), "lr": cfg.teacher_lr},
                              {"params": teacher.classifier.parameters(), "lr": 10 * cfg.teacher_lr}])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, int(0.1 * steps)))
-    batches = _batches_forever(n, cfg.teacher_batch_size, cfg.seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, int(0.1 * steps)))
+    batches = batches_forever(n, cfg.teacher_batch_size, cfg.seed)
     teacher.train()
     hist: list[tuple[float, float]] = []
     for _ in range(steps):
@@ -368,25 +365,6 @@ def attention_kl(rows: torch.Tensor, targets: Sequence[tuple[list[int], np.ndarr
     return kl[valid].mean()
 
 
-def _lora_setup(cfg: IdRMConfig, rm: RewardModel, layers: list[int]) -> Any:
-    """Gradients on the head and LoRA adapters of ``layers`` (mode lora), or on everything (mode full)."""
-    for p in rm.model.parameters():
-        p.requires_grad_(cfg.mode == "full")
-    peft_model = None
-    if cfg.mode == "lora":
-        if (Path(cfg.model) / ckpt.ADAPTER_DIR).is_dir():
-            raise ValueError("model: start Id-RM from a checkpoint without an adapter (e.g. a frozen BT run)")
-        from peft import LoraConfig, get_peft_model
-
-        targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
-        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, layers_to_transform=layers, bias="none")
-        peft_model = get_peft_model(rm.model, lcfg)
-    for p in rm.head.parameters():
-        p.requires_grad_(True)
-    return peft_model
-
-
 def align_layer_indices(rm: RewardModel, k: int) -> list[int]:
     """The last ``k`` layer indices of the student."""
     config: Any = rm.model.config
@@ -411,68 +389,14 @@ def idrm_step_loss(fwd: RewardForward, rm: RewardModel, items: Sequence[EncodedI
     return bt + eta * kl, bt, kl, r
 
 
-def _optimise_idrm(cfg: IdRMConfig, rm: RewardModel, fwd: RewardForward, enc: Sequence[EncodedPair],
-                   targets: Sequence[tuple[tuple[list[int], np.ndarray], tuple[list[int], np.ndarray]]],
-                   layers: list[int], run_log: RunLog) -> tuple[int, dict[str, float], float]:
-    from tqdm.auto import tqdm
-
-    params = [p for p in fwd.parameters() if p.requires_grad]
-    n = len(enc)
-    per_epoch = math.ceil(n / (cfg.batch_size * cfg.gradient_accumulation_steps))
-    total = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.num_epochs))
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_ratio * total)))
-    batches = _batches_forever(n, cfg.batch_size, cfg.seed)
-    window: list[dict[str, float]] = []
-    last: dict[str, float] = {}
-    fwd.train()
-    t0 = time.perf_counter()
-    for step in tqdm(range(1, total + 1), desc="train idrm", unit="step", disable=cfg.disable_tqdm, dynamic_ncols=True):
-        for _ in range(cfg.gradient_accumulation_steps):
-            b = next(batches)
-            items = [enc[i].chosen for i in b] + [enc[i].rejected for i in b]
-            tg = [targets[i][0] for i in b] + [targets[i][1] for i in b]
-            margin = None
-            if any(enc[i].pair.margin is not None for i in b):
-                margin = torch.tensor([enc[i].pair.margin or 0.0 for i in b], device=rm.device)
-            loss, bt, kl, r = idrm_step_loss(fwd, rm, items, tg, layers, cfg.eta, cfg.center_rewards_coefficient,
-                                             margin)
-            (loss / cfg.gradient_accumulation_steps).backward()
-            window.append({"loss": float(loss.detach()), "bt_loss": float(bt.detach()), "kl": float(kl.detach()),
-                           **pair_stats(r[:len(b)].detach(), r[len(b):].detach())})
-        if cfg.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % cfg.logging_steps == 0 or step == total:
-            last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            run_log.write(step=step, epoch=step / per_epoch, lr=sched.get_last_lr()[0], **last)
-            window = []
-    fwd.eval()
-    return total, last, (time.perf_counter() - t0) / (total / per_epoch)
-
-
 def train_idrm(cfg: IdRMConfig, command: str | None = None) -> TrainResult:
     """Train an Id-RM reward model as ``cfg`` says and write a rewardkit checkpoint (adapter + head)."""
-    cfg.validate()
-    t0 = time.time()
-    _set_seed(cfg.seed)
-    accelerator = _make_accelerator(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pairs, train_path, load_report = _load_pairs(cfg.train_file, "train", cfg.max_train_pairs, cfg.seed,
-                                                 cfg.max_drop_fraction)
-    rm = load_reward_model(cfg.model, device=str(accelerator.device), dtype="float32",
-                           reward_token_rule=cfg.reward_token_rule)
-    enc, len_report = encode_pairs(pairs, Formatter(rm.tokenizer, max_length=cfg.max_length),
-                                   max_drop_fraction=cfg.max_drop_fraction)
-    layers = align_layer_indices(rm, cfg.align_layers)
-    lora_layers = [int(x) for x in cfg.lora_layers.split(",") if x.strip()] or layers
-    run_log = RunLog(out / LOG_FILE)
-    run_log.write(event="start", trainer="idrm", config=dataclasses.asdict(cfg), pairs=len(enc),
-                  align_layers=layers, lora_layers=lora_layers, load=load_report, too_long=len_report.to_dict())
-    try:
+    with start_run(cfg, "idrm") as run:
+        rm, enc = run.rm, run.enc
+        layers = align_layer_indices(rm, cfg.align_layers)
+        # default: the aligned layers; "all" (None) = every layer
+        lora_layers = parse_lora_layers(cfg.lora_layers) if cfg.lora_layers.strip() else layers
+        run.run_log.write(event="layers", align_layers=layers, lora_layers=lora_layers or "all")
         t_teacher = time.time()
         if cfg.eta > 0:
             masses, teacher_report = teacher_targets(cfg, enc)
@@ -482,41 +406,32 @@ def train_idrm(cfg: IdRMConfig, command: str | None = None) -> TrainResult:
             teacher_report = {"teacher": None}
             targets = [(([], np.zeros(0)), ([], np.zeros(0))) for _ in enc]
         t_teacher = time.time() - t_teacher
-        run_log.write(event="teacher", seconds=round(t_teacher, 1), **teacher_report)
-        _set_seed(cfg.seed)  # the adapters' init must not depend on whether the teacher ran or came from the cache
-        peft_model = _lora_setup(cfg, rm, lora_layers)
-        fwd = RewardForward(rm.model, rm.head, rm.pad_token_id, rm.meta.reward_token_rule)
-        steps, last, sec_epoch = _optimise_idrm(cfg, rm, fwd, enc, targets, layers, run_log)
-        for p in rm.model.parameters():
-            p.requires_grad_(False)
-        raw = _raw_rewards(rm, enc, cfg.feature_batch_tokens)
-        n = len(enc)
-        train_stats = pair_stats(raw[:n], raw[n:])
-        rm.meta.norm_mean, rm.meta.norm_std = float(raw.mean()), float(raw.std().clamp(min=1e-6))
+        run.run_log.write(event="teacher", seconds=round(t_teacher, 1), **teacher_report)
+        set_seed(cfg.seed)  # the adapters' init must not depend on whether the teacher ran or came from the cache
+        peft_model = setup_trainable(cfg, rm, lora_layers)
+        fwd = run.accelerator.prepare(RewardForward(rm.model, rm.head, rm.pad_token_id, rm.meta.reward_token_rule))
+
+        def step(b: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+            items = [enc[i].chosen for i in b] + [enc[i].rejected for i in b]
+            tg = [targets[i][0] for i in b] + [targets[i][1] for i in b]
+            margin = None
+            if any(enc[i].pair.margin is not None for i in b):
+                margin = torch.tensor([enc[i].pair.margin or 0.0 for i in b], device=rm.device)
+            loss, bt, kl, r = idrm_step_loss(fwd, rm, items, tg, layers, cfg.eta, cfg.center_rewards_coefficient,
+                                             margin)
+            return loss, {"bt_loss": float(bt.detach()), "kl": float(kl.detach()),
+                          **pair_stats(r[:len(b)].detach(), r[len(b):].detach())}
+
+        steps, last, sec_epoch = optimise(cfg, run.accelerator, fwd, step, len(enc), run.run_log, "train idrm",
+                                          head=rm.head)
+        raw = raw_rewards(rm, enc, cfg.feature_batch_tokens)
         metrics: dict[str, Any] = {
-            "train_loss_last": last.get("loss"), "train_bt_loss_last": last.get("bt_loss"),
-            "train_kl_last": last.get("kl"), "train_accuracy": train_stats["accuracy"],
-            "train_margin_raw": train_stats["margin"], "steps": steps, "train_pairs": n, "eta": cfg.eta,
-            "align_layers": layers, "lora_layers": lora_layers, "teacher": teacher_report,
-            "seconds": round(time.time() - t0, 1), "seconds_teacher": round(t_teacher, 1),
-            "seconds_per_epoch": round(sec_epoch, 2),
+            "train_bt_loss_last": last.get("bt_loss"), "train_kl_last": last.get("kl"), "eta": cfg.eta,
+            "align_layers": layers, "lora_layers": lora_layers or "all", "teacher": teacher_report,
+            "seconds_teacher": round(t_teacher, 1), "seconds_per_epoch": round(sec_epoch, 2),
         }
-        if cfg.eval_file:
-            from rewardkit.training.bt import _evaluate_split
-
-            metrics["eval"] = _evaluate_split(cfg, rm)
-        _save(cfg, rm, out, peft_model, command, steps, metrics, train_path, load_report, len_report.to_dict())
-        meta = rm.meta
-        meta.provenance = {**meta.provenance, "trainer": "idrm", "eta": cfg.eta, "align_layers": layers,
-                           "lora_layers": lora_layers, "teacher": teacher_report}
-        meta.description = f"Id-RM reward model ({cfg.mode}, eta={cfg.eta}, K={cfg.align_layers}) trained by " \
-                           "rewardkit train idrm"
-        ckpt.atomic_write_bytes(out / ckpt.META_FILE, meta.to_json().encode("utf-8"))
-        ckpt.atomic_write_bytes(out / RESULT_FILE, json.dumps({**metrics, "trainer": "idrm"}, indent=2,
-                                                              sort_keys=True, default=str).encode("utf-8"))
-        run_log.write(event="end", **{k: v for k, v in metrics.items() if k != "eval"})
-    finally:
-        run_log.close()
-    rm.head_version = f"head-{hashlib.sha256(rm.head.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]}"
-    return TrainResult(output_dir=out, rm=rm, metrics=metrics, steps=steps)
-
+        return finish_run(run, raw, peft_model, command, steps, last, metrics,
+                          description=f"Id-RM reward model ({cfg.mode}, eta={cfg.eta}, K={cfg.align_layers}) trained "
+                                      "by rewardkit train idrm",
+                          provenance={"eta": cfg.eta, "align_layers": layers, "lora_layers": lora_layers or "all",
+                                      "teacher": teacher_report})

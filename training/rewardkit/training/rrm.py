@@ -19,11 +19,17 @@ Implementation: every text the run needs is one *slot* in a table, six per examp
     6i + 0: (x_i, w_i)   6i + 1: (x_i, l_i)     (the original pair)
     6i + 2: (x_i, w_j)   6i + 3: (x_i, l_j)   6i + 4: (x_i, w_k)   6i + 5: (x_i, l_k)
 
-and every training signal is a :class:`Comparison` between two slots. With ``mode=frozen`` (the only mode this trainer
-supports: see docs/results.md for why that is the budget that fits here) the backbone runs once per slot through the
-BT trainer's feature extraction (and its cache), the baseline is the frozen-backbone BT head trained in-process on the
-original pairs exactly as ``rewardkit train bt`` trains it (or a given checkpoint), and the RRM head trains from zero
-on the kept comparisons. The checkpoint format, run log and metrics are the BT trainer's.
+and every training signal is a :class:`Comparison` between two slots. The baseline is the frozen-backbone BT head
+trained in-process on the original pairs exactly as ``rewardkit train bt --mode frozen`` trains it (or a given
+checkpoint, ``baseline_model``). ``augment_ratio`` caps the augmented comparisons kept per original pair (a seeded
+sample), so RRM can get the same number of comparisons, and steps, as BT.
+
+* ``mode=frozen``: the backbone runs once per slot through the BT trainer's feature extraction (and its cache), and
+  the RRM head trains from zero on the kept comparisons;
+* ``mode=lora`` / ``full``: the comparisons' slots go through the backbone every step (LoRA adapters or every
+  weight, plus the head), the head starting from the baseline's (a head at zero gives the adapters no gradient).
+
+The loop, run log, checkpoint format and metrics are the shared ones of :mod:`rewardkit.training.loop`.
 
 Example::
 
@@ -35,42 +41,38 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import random
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from rewardkit.core import checkpoint as ckpt
 from rewardkit.core.formatting import EncodedItem, Formatter
+from rewardkit.core.forward import pad_batch
 from rewardkit.core.loading import RewardModel, load_reward_model
 from rewardkit.core.losses import bt_loss, bt_tie_loss, pair_stats
-from rewardkit.training.bt import (
-    LOG_FILE,
-    RESULT_FILE,
+from rewardkit.training.bt import train_frozen_head
+from rewardkit.training.config import RRMConfig
+from rewardkit.training.features import EncodedPair, extract_features, to_score_item
+from rewardkit.training.loop import (
+    RewardForward,
     RunLog,
     TrainResult,
-    _batches_forever,
-    _load_pairs,
-    _lr_lambda,
-    _make_accelerator,
-    _save,
-    _set_seed,
-    _train_frozen,
+    finish_run,
+    optimise,
+    raw_rewards,
+    setup_trainable,
+    start_run,
 )
-from rewardkit.training.config import RRMConfig
-from rewardkit.training.features import EncodedPair, encode_pairs, extract_features, to_score_item
 
 log = logging.getLogger(__name__)
 
 __all__ = ["KINDS", "Comparison", "RRMConfig", "augment", "draw_partners", "filter_comparisons", "rrm_loss",
-           "train_rrm"]
+           "subsample_comparisons", "train_rrm"]
 
 # Kinds of comparison. "original" is a training pair as given; the three others are RRM's augmented triplets.
 KINDS = ("chosen_vs_off", "rejected_vs_off", "tie")
@@ -203,6 +205,23 @@ def filter_comparisons(comps: Sequence[Comparison], slot_rewards: torch.Tensor, 
     return kept, {"total": total, "kept": kept_n}
 
 
+def subsample_comparisons(kept: Sequence[Comparison], n_pairs: int, ratio: float, seed: int
+                          ) -> tuple[list[Comparison], dict[str, int]]:
+    """Originals always; at most ``ratio * n_pairs`` augmented comparisons, a seeded uniform sample of the kept ones
+    (so the kinds keep their kept proportions, in expectation). ``ratio = 0`` keeps all. Returns the list (originals
+    first, then the sample in its original order) and the used count per kind."""
+    orig = [c for c in kept if c.kind == "original"]
+    aug = [c for c in kept if c.kind != "original"]
+    cap = int(round(ratio * n_pairs)) if ratio > 0 else len(aug)
+    if cap < len(aug):
+        pick = sorted(random.Random(f"rewardkit-rrm-subsample:{seed}").sample(range(len(aug)), cap))
+        aug = [aug[i] for i in pick]
+    used = dict.fromkeys(KINDS, 0)
+    for c in aug:
+        used[c.kind] += 1
+    return orig + aug, used
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -227,11 +246,8 @@ def _slot_features(rm: RewardModel, cfg: RRMConfig, items: Sequence[EncodedItem]
 
 
 @torch.no_grad()
-def _baseline_rewards(cfg: RRMConfig, rm: RewardModel, items: Sequence[EncodedItem], feats: torch.Tensor,
-                      trained_head: torch.Tensor | None) -> torch.Tensor:
-    """Raw baseline rewards of every slot, (S,): the in-process BT head on the features, or a given checkpoint."""
-    if trained_head is not None:
-        return feats @ trained_head.squeeze(0)
+def _scored_rewards(cfg: RRMConfig, rm: RewardModel, items: Sequence[EncodedItem]) -> torch.Tensor:
+    """Raw rewards of every slot, (S,), from the ``baseline_model`` checkpoint through the server's Scorer."""
     base = load_reward_model(cfg.baseline_model, device=str(rm.device), dtype="float32")
     from rewardkit.core.scoring import Scorer
 
@@ -242,146 +258,125 @@ def _baseline_rewards(cfg: RRMConfig, rm: RewardModel, items: Sequence[EncodedIt
     return out
 
 
-def _optimise_comparisons(cfg: RRMConfig, accelerator: Any, x: torch.Tensor, comps: Sequence[Comparison],
-                          run_log: RunLog) -> tuple[nn.Linear, int, dict[str, float], float]:
-    """Train a zero-initialised linear head on the scaled slot features ``x`` (S, H) with :func:`rrm_loss`.
+def _comparison_stats(r_a: torch.Tensor, r_b: torch.Tensor, lab: torch.Tensor) -> dict[str, float]:
+    pref = lab == 1.0
+    if not bool(pref.any()):
+        return {"accuracy": float("nan"), "margin": float("nan")}
+    return pair_stats(r_a[pref].detach(), r_b[pref].detach())
 
-    Returns the head, steps, last logged stats and seconds per epoch (a pass over ``comps``).
+
+def _train_head_on_features(cfg: RRMConfig, accelerator: Any, feats: torch.Tensor, comps: Sequence[Comparison],
+                            run_log: RunLog) -> tuple[torch.Tensor, int, dict[str, float], float]:
+    """Frozen mode: a zero-initialised linear head on the scaled slot features with :func:`rrm_loss`.
+
+    Returns the weights reading raw features (1, H), steps, last logged stats and seconds per epoch.
     """
-    from tqdm.auto import tqdm
-
+    scale = feats.std(dim=0).clamp(min=1e-6)  # (H,) as the BT trainer scales its features
+    x = (feats / scale).to(accelerator.device)
     a = torch.tensor([c.a for c in comps], device=x.device)
     b = torch.tensor([c.b for c in comps], device=x.device)
     lab = torch.tensor([c.label for c in comps], device=x.device)
-    n = len(comps)
-    per_epoch = -(-n // (cfg.batch_size * cfg.gradient_accumulation_steps))
-    total = cfg.max_steps or max(1, int(-(-per_epoch * cfg.num_epochs // 1)))
     head = nn.Linear(x.shape[1], 1, bias=False).to(x.device)
     nn.init.zeros_(head.weight)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_ratio * total)))
-    batches = _batches_forever(n, cfg.batch_size, cfg.seed)
-    window: list[dict[str, float]] = []
-    last = {"loss": float("nan"), "accuracy": float("nan"), "margin": float("nan")}
-    t0 = time.perf_counter()
-    for step in tqdm(range(1, total + 1), desc="train rrm", unit="step", disable=cfg.disable_tqdm, dynamic_ncols=True):
-        for _ in range(cfg.gradient_accumulation_steps):
-            idx = torch.tensor(next(batches), device=x.device)
-            r_a, r_b = head(x[a[idx]]).squeeze(-1), head(x[b[idx]]).squeeze(-1)  # (B,) each
-            loss = rrm_loss(r_a, r_b, lab[idx], cfg.center_rewards_coefficient) / cfg.gradient_accumulation_steps
-            loss.backward()
-            pref = lab[idx] == 1.0
-            stats = pair_stats(r_a[pref].detach(), r_b[pref].detach()) if pref.any() else {"accuracy": float("nan"),
-                                                                                             "margin": float("nan")}
-            window.append({"loss": float(loss.detach()) * cfg.gradient_accumulation_steps, **stats})
-        if cfg.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(head.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % cfg.logging_steps == 0 or step == total:
-            last = {k: sum(w[k] for w in window) / len(window) for k in ("loss", "accuracy", "margin")}
-            run_log.write(step=step, epoch=step / per_epoch, lr=sched.get_last_lr()[0], **last)
-            window = []
-    sec_per_epoch = (time.perf_counter() - t0) / (total / per_epoch)
-    return head, total, last, sec_per_epoch
+    head = accelerator.prepare(head)
+
+    def step(batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = torch.tensor(batch, device=x.device)
+        r_a, r_b = head(x[a[idx]]).squeeze(-1), head(x[b[idx]]).squeeze(-1)  # (B,) each
+        return rrm_loss(r_a, r_b, lab[idx], cfg.center_rewards_coefficient), _comparison_stats(r_a, r_b, lab[idx])
+
+    steps, last, sec_epoch = optimise(cfg, accelerator, head, step, len(comps), run_log, "train rrm")
+    return accelerator.unwrap_model(head).weight.detach().float().cpu() / scale, steps, last, sec_epoch
+
+
+def _train_backbone(cfg: RRMConfig, accelerator: Any, rm: RewardModel, items: Sequence[EncodedItem],
+                    comps: Sequence[Comparison], run_log: RunLog) -> tuple[Any, int, dict[str, float], float]:
+    """LoRA / full mode: each batch's slots through body + head, :func:`rrm_loss` on the comparisons.
+
+    The head starts from whatever ``rm.head`` holds (the baseline's). Returns peft model, steps, stats, s/epoch.
+    """
+    peft_model = setup_trainable(cfg, rm)
+    fwd = accelerator.prepare(RewardForward(rm.model, rm.head, rm.pad_token_id, rm.meta.reward_token_rule))
+
+    def step(batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        cs = [comps[i] for i in batch]
+        slots = sorted({c.a for c in cs} | {c.b for c in cs})
+        where = {s: j for j, s in enumerate(slots)}
+        ids, mask, pos = pad_batch([items[s] for s in slots], rm.pad_token_id, "right", accelerator.device)
+        r = fwd(ids, mask, pos)  # (U,) one forward per distinct slot
+        r_a = r[torch.tensor([where[c.a] for c in cs], device=r.device)]
+        r_b = r[torch.tensor([where[c.b] for c in cs], device=r.device)]
+        lab = torch.tensor([c.label for c in cs], device=r.device)
+        return rrm_loss(r_a, r_b, lab, cfg.center_rewards_coefficient), _comparison_stats(r_a, r_b, lab)
+
+    steps, last, sec_epoch = optimise(cfg, accelerator, fwd, step, len(comps), run_log, "train rrm", head=rm.head)
+    return peft_model, steps, last, sec_epoch
 
 
 def train_rrm(cfg: RRMConfig, command: str | None = None) -> TrainResult:
     """Train an RRM reward model as ``cfg`` says and write a rewardkit checkpoint to ``cfg.output_dir``."""
-    cfg.validate()
-    t0 = time.time()
-    _set_seed(cfg.seed)
-    accelerator = _make_accelerator(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pairs, train_path, load_report = _load_pairs(cfg.train_file, "train", cfg.max_train_pairs, cfg.seed,
-                                                 cfg.max_drop_fraction)
-    rm = load_reward_model(cfg.model, device=str(accelerator.device), dtype="float32",
-                           reward_token_rule=cfg.reward_token_rule)
-    fmt = Formatter(rm.tokenizer, max_length=cfg.max_length)
-    enc, len_report = encode_pairs(pairs, fmt, max_drop_fraction=cfg.max_drop_fraction)
-    seed = cfg.seed if cfg.augment_seed < 0 else cfg.augment_seed
-    slots, comps = augment(len(enc), seed)
-    items = encode_slots(enc, slots, fmt)
-    run_log = RunLog(out / LOG_FILE)
-    run_log.write(event="start", trainer="rrm", config=dataclasses.asdict(cfg), pairs=len(enc), slots=len(items),
-                  load=load_report, too_long=len_report.to_dict())
-    try:
-        # 1. features of every slot; the cache (a temporary one when none is configured) makes the baseline's own
-        #    extraction of the original pairs below a cache hit instead of a second backbone pass
-        t_feat = time.time()
+    with start_run(cfg, "rrm") as run:
+        rm, enc, accelerator = run.rm, run.enc, run.accelerator
+        seed = cfg.seed if cfg.augment_seed < 0 else cfg.augment_seed
+        slots, comps = augment(len(enc), seed)
+        items = encode_slots(enc, slots, run.fmt)
+        run.run_log.write(event="augment", slots=len(items), comparisons=len(comps))
+        # 1. the baseline (and, in frozen mode or when the filter needs them, every slot's features): the cache (a
+        #    temporary one when none is configured) makes the baseline's extraction of the original pairs a cache
+        #    hit instead of a second backbone pass
+        need_feats = cfg.mode == "frozen" or (cfg.tau > 0 and not cfg.baseline_model)
+        feats: torch.Tensor | None = None
+        t_feat = t_base = 0.0
         with tempfile.TemporaryDirectory(prefix="rrm-features-") as tmp:
-            if not cfg.feature_cache_dir:
-                cfg = dataclasses.replace(cfg, feature_cache_dir=tmp)
-            feats = _slot_features(rm, cfg, items, enc)  # (S, H)
-            t_feat = time.time() - t_feat
-            # 2. the baseline: BT head on the original pairs, exactly the BT trainer's frozen path
+            fcfg = cfg if cfg.feature_cache_dir else dataclasses.replace(cfg, feature_cache_dir=tmp)
+            if need_feats:
+                t = time.time()
+                feats = _slot_features(rm, fcfg, items, enc)  # (S, H)
+                t_feat = time.time() - t
             trained_head = None
-            t_base = time.time()
             if not cfg.baseline_model:
-                base_log = RunLog(out / "baseline_log.jsonl")
+                t = time.time()
+                base_log = RunLog(run.out / "baseline_log.jsonl")
                 try:
-                    _train_frozen(cfg, accelerator, rm, enc, base_log)
+                    train_frozen_head(fcfg, accelerator, rm, enc, base_log, desc="baseline bt")
                 finally:
                     base_log.close()
                 trained_head = rm.head.weight.detach().float().cpu().clone()  # (1, H) reads raw hidden states
-            t_base = time.time() - t_base
-        if cfg.feature_cache_dir.startswith(tmp):
-            cfg = dataclasses.replace(cfg, feature_cache_dir="")
-        # 3. the filter
-        base_r = _baseline_rewards(cfg, rm, items, feats, trained_head)  # (S,)
+                t_base = time.time() - t
+        # 2. the filter, then the cap on augmented comparisons
+        if cfg.baseline_model:
+            base_r = _scored_rewards(cfg, rm, items)
+        elif feats is not None:
+            base_r = feats @ trained_head.squeeze(0)  # type: ignore[union-attr]
+        else:  # tau = 0 in a backbone mode: the filter keeps everything, no baseline rewards needed
+            base_r = torch.zeros(len(items))
         kept, counts = filter_comparisons(comps, base_r, cfg.tau)
-        log.info("rrm_filter tau=%s total=%s kept=%s", cfg.tau, counts["total"], counts["kept"])
-        run_log.write(event="filter", tau=cfg.tau, **counts)
-        # 4. the RRM head on original + kept, from zero, features scaled as the BT trainer scales them
-        scale = feats.std(dim=0).clamp(min=1e-6)  # (H,)
-        head, steps, last, sec_epoch = _optimise_comparisons(cfg, accelerator, (feats / scale).to(accelerator.device),
-                                                             kept, run_log)
-        n = len(enc)
-        train_stats = _install_head(rm, feats, head.weight.detach().float().cpu() / scale, n)
+        used_comps, used = subsample_comparisons(kept, len(enc), cfg.augment_ratio, seed)
+        counts = {**counts, "used": used}
+        log.info("rrm_filter tau=%s total=%s kept=%s used=%s", cfg.tau, counts["total"], counts["kept"], used)
+        run.run_log.write(event="filter", tau=cfg.tau, augment_ratio=cfg.augment_ratio, **counts)
+        # 3. the RRM model on original + used comparisons
+        peft_model = None
+        if cfg.mode == "frozen":
+            assert feats is not None
+            w, steps, last, sec_epoch = _train_head_on_features(cfg, accelerator, feats, used_comps, run.run_log)
+            with torch.no_grad():
+                rm.head.weight.copy_(w.to(rm.head.weight.dtype))
+                if rm.head.bias is not None:
+                    rm.head.bias.zero_()
+            base = torch.arange(len(enc)) * SLOTS_PER_EXAMPLE
+            r = feats @ w.squeeze(0)  # (S,)
+            raw = torch.cat([r[base], r[base + 1]])  # (2N,) the original pairs, chosen then rejected
+        else:
+            peft_model, steps, last, sec_epoch = _train_backbone(cfg, accelerator, rm, items, used_comps, run.run_log)
+            raw = raw_rewards(rm, enc, cfg.feature_batch_tokens)
         metrics: dict[str, Any] = {
-            "train_loss_last": last["loss"], "train_accuracy": train_stats["accuracy"],
-            "train_margin_raw": train_stats["margin"], "steps": steps, "train_pairs": n,
-            "train_comparisons": len(kept), "augmentation": {"tau": cfg.tau, "seed": seed, **counts},
-            "seconds": round(time.time() - t0, 1), "seconds_baseline": round(t_base, 1),
-            "seconds_slot_features": round(t_feat, 1), "seconds_per_epoch_head": round(sec_epoch, 4),
+            "train_comparisons": len(used_comps), "augmentation": {"tau": cfg.tau, "seed": seed,
+                                                                   "ratio": cfg.augment_ratio, **counts},
+            "seconds_baseline": round(t_base, 1), "seconds_slot_features": round(t_feat, 1),
+            "seconds_per_epoch": round(sec_epoch, 4),
         }
-        if cfg.eval_file:
-            from rewardkit.training.bt import _evaluate_split
-
-            metrics["eval"] = _evaluate_split(cfg, rm)
-        _save(cfg, rm, out, None, command, steps, metrics, train_path, load_report, len_report.to_dict())
-        _mark_rrm(out, rm, counts)
-        run_log.write(event="end", **{k: v for k, v in metrics.items() if k != "eval"})
-    finally:
-        run_log.close()
-    import hashlib
-
-    rm.head_version = f"head-{hashlib.sha256(rm.head.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]}"
-    return TrainResult(output_dir=out, rm=rm, metrics=metrics, steps=steps)
-
-
-def _install_head(rm: RewardModel, feats: torch.Tensor, w: torch.Tensor, n: int) -> dict[str, float]:
-    """Put the trained weights ``w`` (1, H), which read raw hidden states, into the model's head and normalise its
-    rewards over the N original pairs (chosen then rejected, as BT does). Returns the pairs' train stats."""
-    with torch.no_grad():
-        rm.head.weight.copy_(w.to(rm.head.weight.dtype))
-        if rm.head.bias is not None:
-            rm.head.bias.zero_()
-    base = torch.arange(n) * SLOTS_PER_EXAMPLE
-    raw = feats @ w.squeeze(0)  # (S,)
-    orig = torch.cat([raw[base], raw[base + 1]])  # (2N,)
-    rm.meta.norm_mean, rm.meta.norm_std = float(orig.mean()), float(orig.std().clamp(min=1e-6))
-    return pair_stats(raw[base], raw[base + 1])
-
-
-def _mark_rrm(out: Path, rm: RewardModel, counts: dict[str, dict[str, int]]) -> None:
-    """The BT saver wrote provenance for a BT run; record that this one is RRM (same format otherwise)."""
-    meta = rm.meta
-    meta.provenance = {**meta.provenance, "trainer": "rrm", "augmentation": counts}
-    meta.description = "RRM reward model (frozen backbone, causal augmentation + BT filter) trained by rewardkit train rrm"
-    ckpt.atomic_write_bytes(out / ckpt.META_FILE, meta.to_json().encode("utf-8"))
-    res = json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
-    res["trainer"] = "rrm"
-    ckpt.atomic_write_bytes(out / RESULT_FILE, json.dumps(res, indent=2, sort_keys=True).encode("utf-8"))
+        return finish_run(run, raw, peft_model, command, steps, last, metrics,
+                          description=f"RRM reward model ({cfg.mode}; causal augmentation + BT filter) trained by "
+                                      "rewardkit train rrm",
+                          provenance={"augmentation": counts})
