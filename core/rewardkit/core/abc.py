@@ -43,7 +43,14 @@ from rewardkit.core.attention import (
 )
 from rewardkit.core.errors import ConfigError, InputError
 from rewardkit.core.formatting import EncodedItem
-from rewardkit.core.forward import ItemScore, pad_batch, reward_indices, scores_from_hidden
+from rewardkit.core.forward import (
+    ItemScore,
+    needs_all_layers,
+    pad_batch,
+    readout,
+    reward_indices,
+    scores_from_hidden,
+)
 
 if TYPE_CHECKING:
     from rewardkit.core.loading import RewardModel
@@ -114,10 +121,11 @@ def score_with_rows(rm: RewardModel, items: Sequence[EncodedItem], padding_side:
     ids, mask, pos = pad_batch(items, rm.pad_token_id, padding_side, rm.device)
     idx = reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)  # (B,)
     with capture(layers, idx) as cap:
-        out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                      output_hidden_states=needs_all_layers(rm))
     rows = cap.mean_row().cpu()  # (B, T)
-    hidden = out.last_hidden_state  # (B, T, H)
-    h_r = hidden[torch.arange(len(items), device=hidden.device), idx]  # (B, H)
+    # the reward R is whatever the model's read-out gives (the weights a_t are always the reward token's attention)
+    h_r, ll = readout(rm, items, out, idx, padding_side)  # (B, H), (B,) or None
     idx_l = idx.tolist()
     width = ids.shape[1]
     extra = []
@@ -129,7 +137,7 @@ def score_with_rows(rm: RewardModel, items: Sequence[EncodedItem], padding_side:
         w = response_weights(it, row, r_idx, renormalize=True)[1]
         ent = max(0.0, float(-(w[w > 0] * np.log(w[w > 0])).sum())) if w.size else 0.0
         extra.append({"attention": row, "reward_index": r_idx, "attention_entropy": ent})
-    return scores_from_hidden(rm, items, h_r, return_hidden, extra)
+    return scores_from_hidden(rm, items, h_r, return_hidden, extra, ll=ll)
 
 
 # --- from the row to the dense reward -------------------------------------------------------------------------------

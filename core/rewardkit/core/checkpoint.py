@@ -27,18 +27,20 @@ from typing import Any
 
 from rewardkit.core.errors import ModelLoadError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this rewardkit reads; a checkpoint with the default read-out still writes 1
 META_FILE = "rewardkit.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_DIR = "adapter"
 REWARD_TOKEN_RULES = ("transformers", "last_attended")
+READOUTS = ("token", "mean_response")
 HEAD_KINDS = ("scalar",)  # what load_reward_model installs; R2M heads are versioned by the server's own store
 # rewardkit.json field -> the JSON types it may hold (checked before the dataclass is built: a wrong type used to be a
 # bare TypeError, or a str norm_std that failed later)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "backbone": (str,), "model_id": (str,), "format_version": (int,), "head_kind": (str,), "gguf_file": (str, type(None)),
     "norm_mean": (int, float), "norm_std": (int, float), "reward_token_rule": (str,), "trained": (bool,),
-    "description": (str,), "provenance": (dict,),
+    "description": (str,), "provenance": (dict,), "readout": (str,), "readout_layer": (int,),
+    "ll_weight": (int, float),
 }
 
 
@@ -59,9 +61,22 @@ class CheckpointMeta:
     trained: bool = True
     description: str = ""
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # -- the read-out (format version 2). "token": the head reads the last layer at the reward token (above).
+    # "mean_response": the head reads hidden_states[readout_layer] averaged over the response's tokens. ll_weight != 0
+    # adds ll_weight * (the backbone's own mean log-likelihood of the response tokens, through its tied LM head).
+    readout: str = "token"
+    readout_layer: int = -1
+    ll_weight: float = 0.0
+
+    @property
+    def plain_readout(self) -> bool:
+        """True for the version-1 read-out: the head at the reward token of the last layer, nothing added."""
+        return self.readout == "token" and self.readout_layer == -1 and self.ll_weight == 0.0
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        data = dataclasses.asdict(self)
+        data["format_version"] = 1 if self.plain_readout else 2  # older rewardkits still read version-1 checkpoints
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:
@@ -90,6 +105,10 @@ class CheckpointMeta:
             raise ModelLoadError(f"{META_FILE}: reward_token_rule must be one of {REWARD_TOKEN_RULES}")
         if not meta.norm_std > 0:
             raise ModelLoadError(f"{META_FILE}: norm_std must be > 0, got {meta.norm_std}")
+        if meta.readout not in READOUTS:
+            raise ModelLoadError(f"{META_FILE}: readout must be one of {READOUTS}, got {meta.readout!r}")
+        if meta.readout == "token" and meta.readout_layer != -1:
+            raise ModelLoadError(f"{META_FILE}: readout_layer applies to readout 'mean_response' only")
         return meta
 
 

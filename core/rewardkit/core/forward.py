@@ -31,8 +31,8 @@ def output_cache(out: Any) -> Any:
     """The KV cache of a model output, by the name the installed transformers uses."""
     return out.cache if CACHE_KW == "cache" else out.past_key_values
 
-__all__ = ["CACHE_KW", "ItemScore", "normalise", "output_cache", "pad_batch", "plain_forward", "reward_index",
-           "reward_indices", "reward_position", "scores_from_hidden"]
+__all__ = ["CACHE_KW", "ItemScore", "normalise", "output_cache", "pad_batch", "plain_forward", "readout",
+           "readout_forward", "reward_index", "reward_indices", "reward_position", "scores_from_hidden"]
 
 
 @dataclasses.dataclass
@@ -49,6 +49,8 @@ class ItemScore:
     attention: torch.Tensor | None = None
     reward_index: int | None = None
     attention_entropy: float | None = None
+    # -- the backbone's mean log-likelihood of the response tokens, when the read-out has an LL term (or was asked)
+    ll: float | None = None
 
 
 def reward_indices(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, rule: str) -> torch.Tensor:
@@ -113,18 +115,78 @@ def plain_forward(rm: RewardModel, items: Sequence[EncodedItem], padding_side: s
     return out.last_hidden_state, reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)
 
 
+def needs_all_layers(rm: RewardModel) -> bool:
+    """The read-out reads a layer other than the last: the forward must return every layer's hidden states."""
+    return rm.meta.readout_layer != -1
+
+
+def readout(rm: RewardModel, items: Sequence[EncodedItem], out: Any, idx: torch.Tensor, padding_side: str,
+            want_ll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the head reads, (B, H), and the log-likelihood term, (B,) or None, from one padded forward's output.
+
+    ``readout == "token"``: the last layer at the reward token ``idx``. ``"mean_response"``: ``hidden_states[L]``
+    (``L = readout_layer``; -1 = the last layer) averaged over the item's response tokens (its last token when it has
+    none). The LL term (``ll_weight != 0``, or ``want_ll``): the mean over response tokens of log p(token | prefix)
+    under the backbone's tied LM head (the last layer's states times the input embeddings).
+    """
+    meta = rm.meta
+    last = out.last_hidden_state  # (B, T, H)
+    rows = torch.arange(len(items), device=last.device)
+    if meta.readout == "token":
+        h = last[rows, idx]  # (B, H)
+    else:
+        layer = last if meta.readout_layer == -1 else out.hidden_states[meta.readout_layer]  # (B, T, H)
+    if meta.readout == "token" and not (meta.ll_weight or want_ll):
+        return h, None
+    width = last.shape[1]
+    pooled, lls = [], []
+    model: Any = rm.model
+    emb = model.get_input_embeddings().weight if (meta.ll_weight or want_ll) else None  # (V, H) = tied LM head
+    for i, it in enumerate(items):
+        n = len(it.input_ids)
+        start = width - n if padding_side == "left" else 0
+        resp = it.response_token_indices() or [n - 1]
+        if meta.readout != "token":
+            pooled.append(layer[i, [start + k for k in resp]].mean(0))
+        if emb is not None:
+            prev = [start + k - 1 for k in resp if k >= 1]
+            if prev:
+                tgt = torch.tensor([it.input_ids[k] for k in resp if k >= 1], device=last.device)
+                logp = torch.log_softmax(last[i, prev].float() @ emb.T.float(), dim=-1)  # (R, V)
+                lls.append(logp.gather(1, tgt[:, None]).mean())
+            else:
+                lls.append(last.new_zeros((), dtype=torch.float32))
+    if meta.readout != "token":
+        h = torch.stack(pooled)
+    return h, (torch.stack(lls).float() if emb is not None else None)
+
+
+def readout_forward(rm: RewardModel, items: Sequence[EncodedItem], padding_side: str, want_ll: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One padded forward and :func:`readout`: the path of every model whose read-out is not the plain one."""
+    ids, mask, pos = pad_batch(items, rm.pad_token_id, padding_side, rm.device)
+    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                  output_hidden_states=needs_all_layers(rm))
+    idx = reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)
+    return readout(rm, items, out, idx, padding_side, want_ll)
+
+
 def normalise(rm: RewardModel, raw: Any) -> Any:
     """The checkpoint's reward normalisation, ``(raw - norm_mean) / norm_std`` (a tensor, an array or a float)."""
     return (raw - rm.meta.norm_mean) / rm.meta.norm_std
 
 
 def scores_from_hidden(rm: RewardModel, items: Sequence[EncodedItem], h_r: torch.Tensor, return_hidden: bool,
-                       extra: Sequence[dict[str, Any]] | None = None) -> list[ItemScore]:
-    """The reward-token states (B, H) of ``items`` -> head -> normalisation -> one ItemScore each, in order.
-    ``extra``: per-item ItemScore fields (ABC's attention row, reward index, entropy)."""
+                       extra: Sequence[dict[str, Any]] | None = None, ll: torch.Tensor | None = None
+                       ) -> list[ItemScore]:
+    """The read-out states (B, H) of ``items`` -> head (+ ``ll_weight * ll``) -> normalisation -> one ItemScore
+    each, in order. ``extra``: per-item ItemScore fields (ABC's attention row, reward index, entropy)."""
     raw = rm.head(h_r).squeeze(-1).float()  # (B,)
+    if ll is not None and rm.meta.ll_weight:
+        raw = raw + rm.meta.ll_weight * ll.to(raw.device)
     rewards = normalise(rm, raw)
     raw_l, rew_l = raw.tolist(), rewards.tolist()
+    ll_l = ll.tolist() if ll is not None else [None] * len(items)
     return [ItemScore(reward=rew_l[i], raw_reward=raw_l[i], num_tokens=len(it.input_ids), truncated=it.truncated,
-                      hidden=h_r[i].float().cpu() if return_hidden else None, **(extra[i] if extra else {}))
+                      hidden=h_r[i].float().cpu() if return_hidden else None, ll=ll_l[i], **(extra[i] if extra else {}))
             for i, it in enumerate(items)]

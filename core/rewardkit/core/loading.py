@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -214,9 +215,26 @@ def _deterministic_untrained_head(head: nn.Linear) -> None:
             head.bias.zero_()
 
 
-def _head_version(head: nn.Linear) -> str:
-    h = hashlib.sha256(head.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
-    return f"head-{h}"
+def head_version(head: nn.Linear, meta: ckpt.CheckpointMeta | None = None) -> str:
+    """``head-<sha256 of the weights>``; a read-out other than the plain one (mean over the response, a layer, the
+    LM log-likelihood term) is part of the hash, so two ways of reading the same weights never share a version."""
+    hsh = hashlib.sha256(head.weight.detach().float().cpu().numpy().tobytes())
+    if meta is not None and not meta.plain_readout:
+        hsh.update(json.dumps([meta.readout, meta.readout_layer, float(meta.ll_weight)]).encode())
+    return f"head-{hsh.hexdigest()[:12]}"
+
+
+
+def check_readout(model: nn.Module, meta: ckpt.CheckpointMeta) -> None:
+    """The read-out in ``meta`` fits ``model``: the layer exists, and an LL term has a tied LM head to read."""
+    config: Any = getattr(model, "config", None)
+    n_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    if meta.readout_layer != -1 and not 0 <= meta.readout_layer <= n_layers:
+        raise ModelLoadError(f"{ckpt.META_FILE}: readout_layer {meta.readout_layer} is outside this backbone's "
+                             f"hidden states 0..{n_layers} (-1 = last)")
+    if meta.ll_weight and not getattr(config, "tie_word_embeddings", False):
+        raise ModelLoadError(f"{ckpt.META_FILE}: ll_weight needs a backbone whose LM head is tied to its input "
+                             "embeddings (tie_word_embeddings), to compute the response's log-likelihood")
 
 
 def load_reward_model(
@@ -279,13 +297,14 @@ def load_reward_model(
         if reward_token_rule not in ckpt.REWARD_TOKEN_RULES:
             raise ConfigError(f"reward_token_rule must be one of {ckpt.REWARD_TOKEN_RULES}")
         meta.reward_token_rule = reward_token_rule
+    check_readout(model, meta)
     model.to(dev)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     log.info("loaded model=%s source=%s device=%s dtype=%s trained=%s", meta.model_id, source, dev, dt, meta.trained)
     return RewardModel(model=model, tokenizer=tokenizer, meta=meta, model_id=meta.model_id,
-                       head_version=_head_version(head), device=dev, dtype=dt)
+                       head_version=head_version(head, meta), device=dev, dtype=dt)
 
 
 @torch.no_grad()

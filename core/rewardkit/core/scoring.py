@@ -9,7 +9,10 @@ Paths (each ends in ``forward.scores_from_hidden``, so the reward rule, head and
   token than single items);
 - ABC dense: the plain path with the attention rows captured (``rewardkit.core.abc``), never prefix-shared;
 - prompt KV cache across batches (``rewardkit.core.prefix_cache``, ``prefix_cache_bytes`` > 0): items whose prefix
-  is stored run only the rest; the others take the paths above and store their prompt's KV on the way.
+  is stored run only the rest; the others take the paths above and store their prompt's KV on the way;
+- read-out (a checkpoint whose head reads the mean over the response, another layer, or adds the LM's
+  log-likelihood: ``CheckpointMeta.plain_readout`` false): plain padded forwards (unpadded, one item each, when
+  padding-free) through ``forward.readout``; no prefix sharing or KV cache, which keep only the reward token's state.
 
 The scorer is the contract between the server's scheduler and a model (TGI's ``Model``/``Batch`` split): it takes
 already-encoded items and returns one :class:`ItemScore` each, in order. It owns no queue and no threads.
@@ -36,6 +39,7 @@ from rewardkit.core.forward import (
     normalise,
     pad_batch,
     plain_forward,
+    readout_forward,
     reward_indices,
     reward_position,
     scores_from_hidden,
@@ -70,6 +74,13 @@ class Scorer:
         self.prefix = PrefixSharer()
         self.kv: PrefixKVCache | None = (PrefixKVCache(prefix_cache_bytes, prefix_cache_block, self.prefix.min_prefix)
                                          if prefix_sharing and prefix_cache_bytes > 0 else None)
+        # also compute the response's mean log-likelihood (ItemScore.ll) when the read-out has no LL term (training)
+        self.want_ll = False
+
+    @property
+    def plain(self) -> bool:
+        """The model reads the last layer at the reward token and nothing else: every fast path applies."""
+        return self.rm.meta.plain_readout and not self.want_ll
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         return normalise(self.rm, raw)  # type: ignore[no-any-return]
@@ -102,6 +113,8 @@ class Scorer:
         return [s for s in out if s is not None]
 
     def _score_scalar(self, items: Sequence[EncodedItem], return_hidden: bool) -> list[ItemScore]:
+        if not self.plain:
+            return self.score_readout(items, return_hidden)
         if self.kv is not None and self.prefix.supported(self.rm):
             return self.score_cached(items, return_hidden)
         return self.score_unpadded(items, return_hidden) if self.padding_free else self.score_batch(items, return_hidden)
@@ -184,6 +197,8 @@ class Scorer:
             return []
         if abc_layers is not None:
             return score_with_rows(self.rm, items, self.padding_side, return_hidden, abc_layers)
+        if not self.plain:
+            return self.score_readout(items, return_hidden, batched=True)
         if self.prefix_sharing:
             shared = self.score_shared(items, return_hidden, store)
             if shared is not None:
@@ -245,9 +260,27 @@ class Scorer:
         return [s for s in out if s is not None]
 
 
+    @torch.inference_mode()
+    def score_readout(self, items: Sequence[EncodedItem], return_hidden: bool = False, batched: bool = False
+                      ) -> list[ItemScore]:
+        """The read-out path (see the module docstring): one padded forward, or one unpadded forward per item when
+        padding-free (and not ``batched``)."""
+        parts = [[it] for it in items] if self.padding_free and not batched else [list(items)]
+        out: list[ItemScore] = []
+        for part in parts:
+            h, ll = readout_forward(self.rm, part, self.padding_side, self.want_ll)
+            out += scores_from_hidden(self.rm, part, h, return_hidden, ll=ll)
+        return out
+
+
 @torch.inference_mode()
 def reference_score(rm: RewardModel, item: EncodedItem) -> float:
-    """The plain single-item forward of the HF model (no padding, no batching): what parity is measured against."""
+    """The plain single-item forward of the HF model (no padding, no batching): what parity is measured against.
+
+    For a read-out other than the plain one, the same single unpadded forward through ``forward.readout``."""
+    if not rm.meta.plain_readout:
+        h, ll = readout_forward(rm, [item], "right")
+        return scores_from_hidden(rm, [item], h, False, ll=ll)[0].reward
     ids = torch.tensor([item.input_ids], dtype=torch.long, device=rm.device)
     logits = rm.model(input_ids=ids).logits  # (1, 1)
     return float(normalise(rm, float(logits[0, 0].float())))

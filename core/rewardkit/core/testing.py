@@ -51,7 +51,8 @@ def make_tokenizer(vocab_size: int = 512, chat_template: bool = True) -> Any:
 
 
 def make_tiny_reward_model(out_dir: str | Path, arch: str = "llama", hidden: int = 64, layers: int = 2,
-                           heads: int = 4, kv_heads: int = 2, seed: int = 0, chat_template: bool = True) -> Path:
+                           heads: int = 4, kv_heads: int = 2, seed: int = 0, chat_template: bool = True,
+                           tie_embeddings: bool = False) -> Path:
     """Write a tiny random-initialised ``*ForSequenceClassification`` (num_labels=1) + tokenizer to ``out_dir``."""
     import torch
     from transformers import (
@@ -72,7 +73,8 @@ def make_tiny_reward_model(out_dir: str | Path, arch: str = "llama", hidden: int
         cfg = config_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                           max_position_embeddings=4096, num_labels=1, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                          tie_word_embeddings=tie_embeddings)
         model = LlamaForSequenceClassification(cfg)
     elif arch == "gpt2":
         config_cls = GPT2Config

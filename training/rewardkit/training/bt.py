@@ -59,12 +59,14 @@ def train_frozen_head(cfg: BTConfig, accelerator: Any, rm: RewardModel, enc: lis
 
     Returns steps, last logged stats, and raw training rewards (2N,: chosen then rejected).
     """
+    with_ll = bool(getattr(cfg, "ll_feature", False))
     h_c, h_r = extract_features(rm, enc, max_tokens=cfg.feature_batch_tokens,
-                                cache_dir=cfg.feature_cache_dir or None, progress=not cfg.disable_tqdm)
+                                cache_dir=cfg.feature_cache_dir or None, progress=not cfg.disable_tqdm,
+                                with_ll=with_ll)  # (N, H) or (N, H + 1): the LM log-likelihood last
     scale = torch.cat([h_c, h_r]).std(dim=0).clamp(min=1e-6)  # (H,) per-dimension std, folded into the head below
     x_c, x_r = (h_c / scale).to(accelerator.device), (h_r / scale).to(accelerator.device)
     margins = pair_margins(enc)
-    head = nn.Linear(rm.hidden_size, 1, bias=False)
+    head = nn.Linear(h_c.shape[1], 1, bias=False)
     nn.init.zeros_(head.weight)  # deterministic start; the BT gradient at zero is the mean feature difference
     head = accelerator.prepare(head)
 
@@ -72,14 +74,19 @@ def train_frozen_head(cfg: BTConfig, accelerator: Any, rm: RewardModel, enc: lis
         idx = torch.tensor(batch, device=x_c.device)
         m = None if margins is None else margins[idx].to(x_c.device)
         r_c, r_r = head(x_c[idx]).squeeze(-1), head(x_r[idx]).squeeze(-1)
-        return bt_loss(r_c, r_r, m, cfg.center_rewards_coefficient or None), pair_stats(r_c.detach(), r_r.detach())
+        loss = bt_loss(r_c, r_r, m, cfg.center_rewards_coefficient or None)
+        if cfg.l2:
+            w = head.weight[:, :rm.hidden_size]  # the LL feature's weight is free
+            loss = loss + cfg.l2 * (w * w).sum()
+        return loss, pair_stats(r_c.detach(), r_r.detach())
 
     steps, last, _ = optimise(cfg, accelerator, head, step, len(enc), run_log, desc)
-    w = accelerator.unwrap_model(head).weight.detach().float().cpu() / scale  # (1, H): reads raw hidden states
+    w = accelerator.unwrap_model(head).weight.detach().float().cpu() / scale  # (1, H[+1]): reads raw features
     with torch.no_grad():
-        rm.head.weight.copy_(w.to(rm.head.weight.dtype))
+        rm.head.weight.copy_(w[:, :rm.hidden_size].to(rm.head.weight.dtype))
         if rm.head.bias is not None:
             rm.head.bias.zero_()
+        rm.meta.ll_weight = float(w[0, rm.hidden_size]) if with_ll else 0.0
         raw = torch.cat([h_c, h_r]) @ w.squeeze(0).to(h_c.dtype)  # (2N,)
     return steps, last, raw
 

@@ -45,6 +45,12 @@ class BTConfig:
     lora_layers: str = _f("", "comma-separated layer indices LoRA adapts, or 'all' (default: every layer)")
     reward_token_rule: str = _f("transformers", "where the reward is read: 'transformers' (rightmost non-pad token) "
                                 "or 'last_attended'; recorded in rewardkit.json", choices=("transformers", "last_attended"))
+    readout: str = _f("token", "what the head reads: 'token' (the last layer at the reward token) or 'mean_response' "
+                      "(hidden_states[readout_layer] averaged over the response tokens); mean_response: frozen mode "
+                      "and the bt trainer only", choices=("token", "mean_response"))
+    readout_layer: int = _f(-1, "readout=mean_response: which hidden_states entry (0 = embeddings, -1 = the last layer)")
+    ll_feature: bool = _f(False, "frozen bt: the backbone's mean log-likelihood of the response (its tied LM head) is "
+                          "one more feature; its weight is saved as ll_weight and the server adds ll_weight * LL")
 
     # -- data --
     train_file: str = _f("", "training pairs: a .jsonl/.parquet file in TRL's preference format, or a testbed "
@@ -67,6 +73,8 @@ class BTConfig:
     warmup_ratio: float = _f(0.0, "share of steps with a linear learning-rate warm-up; then linear decay to 0")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     center_rewards_coefficient: float = _f(0.0, "adds coef * mean((r_c + r_r)^2), as TRL (0 = off; TRL suggests 0.01)")
+    l2: float = _f(0.0, "frozen mode: adds l2 * |w|^2 of the head over the standardised features (the LL feature's "
+                   "weight is not penalised); unlike weight_decay it is part of the loss, as in a ridge-style BT fit")
     seed: int = _f(0, "seed for initialisation, shuffling and sampling: the same seed gives the same head")
 
     # -- runtime --
@@ -100,12 +108,19 @@ class BTConfig:
         if self.head_learning_rate < 0:
             raise ValueError(f"head_learning_rate must be >= 0 (0 = learning_rate), got {self.head_learning_rate}")
         parse_lora_layers(self.lora_layers)
+        if self.readout not in ("token", "mean_response"):
+            raise ValueError(f"readout must be 'token' or 'mean_response', got {self.readout!r}")
+        if self.readout == "token" and self.readout_layer != -1:
+            raise ValueError("readout_layer applies to readout='mean_response' only")
+        if (self.readout != "token" or self.ll_feature) and self.mode != "frozen":
+            raise ValueError(f"readout={self.readout!r} / ll_feature train in mode='frozen' only (got mode="
+                             f"{self.mode!r}): the lora/full forward reads the reward token")
         if not self.num_epochs > 0 and self.max_steps == 0:
             raise ValueError("num_epochs must be > 0 (or set max_steps)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be within [0, 1), got {self.warmup_ratio}")
-        if self.center_rewards_coefficient < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("center_rewards_coefficient, weight_decay and max_grad_norm must be >= 0")
+        if self.center_rewards_coefficient < 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.l2 < 0:
+            raise ValueError("center_rewards_coefficient, weight_decay, l2 and max_grad_norm must be >= 0")
         if not 0.0 <= self.max_drop_fraction <= 1.0:
             raise ValueError(f"max_drop_fraction must be within [0, 1], got {self.max_drop_fraction}")
 
@@ -228,6 +243,8 @@ class RRMConfig(BTConfig):
             raise ValueError(f"tau must be within [0, 1], got {self.tau}")
         if self.augment_ratio < 0:
             raise ValueError(f"augment_ratio must be >= 0 (0 = keep every kept comparison), got {self.augment_ratio}")
+        if self.readout != "token" or self.ll_feature:
+            raise ValueError("readout / ll_feature: rewardkit train rrm reads the reward token only (use train bt)")
 
 
 @dataclasses.dataclass
@@ -261,6 +278,8 @@ class IdRMConfig(BTConfig):
                              f"change), got {self.mode!r}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.readout != "token" or self.ll_feature:
+            raise ValueError("readout / ll_feature: rewardkit train idrm reads the reward token only (use train bt)")
         if self.align_layers < 1:
             raise ValueError(f"align_layers must be >= 1, got {self.align_layers}")
         if self.teacher_epochs < 0 or not self.teacher_lr > 0 or self.teacher_batch_size < 1:

@@ -101,25 +101,29 @@ def _body_fingerprint(rm: RewardModel) -> list[float]:
         return [round(float(p.detach().double().sum()), 6) for p in rm.body.parameters()]
 
 
-def _cache_key(rm: RewardModel, pairs: Sequence[EncodedPair]) -> str:
+def _cache_key(rm: RewardModel, pairs: Sequence[EncodedPair], with_ll: bool = False) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([rm.meta.backbone, rm.meta.reward_token_rule, str(rm.dtype), _body_fingerprint(rm)]).encode())
+    if not rm.meta.plain_readout or with_ll:  # plain keys stay as they were, so existing caches still hit
+        h.update(json.dumps([rm.meta.readout, rm.meta.readout_layer, with_ll]).encode())
     for ep in pairs:
         h.update(json.dumps([ep.chosen.input_ids, ep.rejected.input_ids]).encode())
     return h.hexdigest()[:20]
 
 
 def extract_features(rm: RewardModel, pairs: Sequence[EncodedPair], *, max_tokens: int = 4096,
-                     cache_dir: str | Path | None = None, progress: bool = True
+                     cache_dir: str | Path | None = None, progress: bool = True, with_ll: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last-layer hidden states at the reward token for both sides: ``(N, H)``, ``(N, H)`` fp32 on CPU.
+    """What the head reads for both sides: ``(N, H)``, ``(N, H)`` fp32 on CPU (the last layer at the reward token,
+    or the model's read-out, ``rewardkit.core.forward.readout``). ``with_ll``: one more column, the backbone's mean
+    log-likelihood of the response, ``(N, H + 1)``.
 
     With ``cache_dir``, features are stored as safetensors under a key of the model and the exact token ids, and
     reused on the next call with the same inputs.
     """
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"features-{_cache_key(rm, pairs)}.safetensors"
+        cache_path = Path(cache_dir) / f"features-{_cache_key(rm, pairs, with_ll)}.safetensors"
         if cache_path.is_file():
             from safetensors.torch import load_file
 
@@ -130,17 +134,22 @@ def extract_features(rm: RewardModel, pairs: Sequence[EncodedPair], *, max_token
 
     # Prefix sharing off: on this data (short shared prompts, whole-batch system message) it measured slower on CPU.
     scorer = Scorer(rm, prefix_sharing=False)
-    h_c = torch.zeros(len(pairs), rm.hidden_size)
-    h_r = torch.zeros(len(pairs), rm.hidden_size)
+    scorer.want_ll = with_ll
+    width = rm.hidden_size + int(with_ll)
+    h_c = torch.zeros(len(pairs), width)
+    h_r = torch.zeros(len(pairs), width)
     total = sum(p.num_tokens for p in pairs)
     with tqdm(total=total, unit="tok", desc="features", disable=not progress, dynamic_ncols=True) as bar:
         for batch in pair_batches(pairs, max_tokens):
             items = [pairs[i].chosen for i in batch] + [pairs[i].rejected for i in batch]
             scores = scorer.score_batch(items, return_hidden=True)
             for j, i in enumerate(batch):
-                hc, hr = scores[j].hidden, scores[len(batch) + j].hidden
-                assert hc is not None and hr is not None
-                h_c[i], h_r[i] = hc, hr
+                sc, sr = scores[j], scores[len(batch) + j]
+                assert sc.hidden is not None and sr.hidden is not None
+                h_c[i, :rm.hidden_size], h_r[i, :rm.hidden_size] = sc.hidden, sr.hidden
+                if with_ll:
+                    assert sc.ll is not None and sr.ll is not None
+                    h_c[i, -1], h_r[i, -1] = sc.ll, sr.ll
             bar.update(sum(pairs[i].num_tokens for i in batch))
     if cache_path is not None:
         atomic_save_safetensors({"chosen": h_c, "rejected": h_r}, cache_path)

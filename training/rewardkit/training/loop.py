@@ -133,8 +133,10 @@ def file_sha256(path: Path) -> str:
 
 
 def head_version(rm: RewardModel) -> str:
-    """The version string the server reports for this head: a hash of its weights."""
-    return f"head-{hashlib.sha256(rm.head.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]}"
+    """The version string the server reports for this head (:func:`rewardkit.core.loading.head_version`)."""
+    from rewardkit.core.loading import head_version as version
+
+    return version(rm.head, rm.meta)
 
 
 def load_pairs(path: str, split: str, limit: int, seed: int, max_drop_fraction: float
@@ -227,6 +229,15 @@ def start_run(cfg: BTConfig, trainer: str, **start_fields: Any) -> Run:
                                                 cfg.max_drop_fraction)
     rm = load_reward_model(cfg.model, device=str(accelerator.device), dtype="float32",
                            reward_token_rule=cfg.reward_token_rule)
+    if cfg.mode != "frozen" and not rm.meta.plain_readout:
+        raise ValueError(f"model: {cfg.model} reads {rm.meta.readout!r} (layer {rm.meta.readout_layer}, ll_weight "
+                         f"{rm.meta.ll_weight}); mode={cfg.mode!r} trains the reward-token read-out only")
+    # the run's own read-out; a frozen head is trained from zero, so an LL weight from the start model is dropped
+    rm.meta.readout, rm.meta.readout_layer, rm.meta.ll_weight = cfg.readout, cfg.readout_layer, 0.0 if \
+        cfg.mode == "frozen" else rm.meta.ll_weight
+    from rewardkit.core.loading import check_readout
+
+    check_readout(rm.model, dataclasses.replace(rm.meta, ll_weight=1.0 if cfg.ll_feature else 0.0))
     fmt = Formatter(rm.tokenizer, max_length=cfg.max_length)
     enc, len_report = encode_pairs(pairs, fmt, max_drop_fraction=cfg.max_drop_fraction)
     log.info("train_%s mode=%s pairs=%d dropped_too_long=%d device=%s", trainer, cfg.mode, len(enc),
@@ -403,7 +414,8 @@ def save_checkpoint(run: Run, peft_model: Any, command: str | None, steps: int, 
     meta = ckpt.CheckpointMeta(
         backbone=backbone, gguf_file=gguf, model_id=cfg.model_id or out.resolve().name,
         norm_mean=rm.meta.norm_mean, norm_std=rm.meta.norm_std, reward_token_rule=rm.meta.reward_token_rule,
-        trained=True, description=description, provenance=prov)
+        trained=True, description=description, provenance=prov, readout=rm.meta.readout,
+        readout_layer=rm.meta.readout_layer, ll_weight=rm.meta.ll_weight)
     ckpt.save_checkpoint(out, head_state, meta)
     rm.meta = meta
     rm.model_id = meta.model_id
