@@ -85,6 +85,8 @@ class BTConfig:
                                 "and reuse them on the next run")
     output_dir: str = _f("", "where the rewardkit checkpoint, run log and metrics go")
     model_id: str = _f("", "model id recorded in rewardkit.json (default: the output directory's name)")
+    description: str = _f("", "one line for rewardkit.json and /v1/models: what the model is and scores (default: "
+                          "the trainer and mode)")
     logging_steps: int = _f(10, "write a run-log line every N optimizer steps")
     disable_tqdm: bool = _f(False, "no progress bar")
 

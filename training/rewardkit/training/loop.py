@@ -440,7 +440,7 @@ def finish_run(run: Run, raw: torch.Tensor, peft_model: Any, command: str | None
                "seconds": round(time.time() - run.t0, 1)}
     if cfg.eval_file:
         metrics["eval"] = evaluate_split(cfg, rm)
-    description = description or f"{run.trainer.upper()} reward model ({cfg.mode}) trained by rewardkit train " \
+    description = cfg.description or description or f"{run.trainer.upper()} reward model ({cfg.mode}) trained by rewardkit train " \
                                  f"{run.trainer}"
     try:
         save_checkpoint(run, peft_model, command, steps, metrics, description, provenance or {})

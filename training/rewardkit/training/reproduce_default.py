@@ -44,6 +44,10 @@ DEFAULT_HEAD_RECIPE: dict[str, Any] = {
     "seed": 0,
     "output_dir": str(DEFAULT_HEAD_DIR),
     "model_id": "smollm2-135m-instruct-rewardkit-pooled-ll",
+    "description": "SmolLM2-135M-Instruct (frozen 4-bit GGUF) + a Bradley-Terry head on the mean of layer-12 states "
+                   "over the response, plus the LM's own mean log-likelihood of the response; trained on 500 "
+                   "artifact-balanced testbed pairs (rewardkit train bt --default-head). Scores whether a short "
+                   "answer is right; still moved by styles (docs/results.md).",
     "feature_cache_dir": "data/feature-cache",
 }
 # The testbed the recipe trains on: seed 0, artifacts on the chosen side half the time.

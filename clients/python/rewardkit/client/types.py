@@ -94,6 +94,9 @@ class ModelInfo(BaseModel):
     dtype: str | None = None
     device: str | None = None
     reward_token_rule: str | None = None
+    readout: str | None = None
+    readout_layer: int | None = None
+    ll_weight: float | None = None
 
 
 class _ModelList(BaseModel):

@@ -86,6 +86,11 @@ class ModelCard(BaseModel):
     reward_token_rule: str
     norm_mean: float
     norm_std: float
+    readout: str = Field("token", description="what the head reads: 'token' (the last layer at the reward token) or "
+                         "'mean_response' (readout_layer's states averaged over the response)")
+    readout_layer: int = Field(-1, description="hidden-states index the head reads (-1 = the last layer)")
+    ll_weight: float = Field(0.0, description="weight of the backbone's own mean log-likelihood of the response, "
+                             "added to the head's raw reward (0 = none)")
 
 
 class ModelList(BaseModel):

@@ -81,4 +81,5 @@ def model_list(service: RewardService) -> ModelList:
     return ModelList(data=[ModelCard(
         id=rm.model_id, head_version=service.head_version, trained=rm.meta.trained, description=desc,
         max_length=service.settings.max_length, dtype=str(rm.dtype).replace("torch.", ""), device=str(rm.device),
-        reward_token_rule=rm.meta.reward_token_rule, norm_mean=rm.meta.norm_mean, norm_std=rm.meta.norm_std)])
+        reward_token_rule=rm.meta.reward_token_rule, norm_mean=rm.meta.norm_mean, norm_std=rm.meta.norm_std,
+        readout=rm.meta.readout, readout_layer=rm.meta.readout_layer, ll_weight=rm.meta.ll_weight)])
