@@ -108,7 +108,8 @@ def main() -> None:
                     mu, sd = torch.cat([c, r]).mean(0), torch.cat([c, r]).std(0) + 1e-4
                     ll_sd = float(torch.cat([lc, lr_]).std()) + 1e-6
 
-                    def x(h: torch.Tensor, ll: torch.Tensor, arm: str = arm) -> torch.Tensor:
+                    def x(h: torch.Tensor, ll: torch.Tensor, arm: str = arm, mu: torch.Tensor = mu,
+                          sd: torch.Tensor = sd, ll_sd: float = ll_sd) -> torch.Tensor:
                         z = (h - mu) / sd
                         return torch.cat([z, (ll / ll_sd)[:, None]], 1) if arm == "head+ll" else z
 

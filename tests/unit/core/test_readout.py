@@ -158,3 +158,14 @@ def test_readout_flags_are_validated() -> None:
         RRMConfig(train_file="x", output_dir="y", ll_feature=True).validate()
     with pytest.raises(ValueError, match="frozen|train bt"):
         IdRMConfig(train_file="x", output_dir="y", readout="mean_response").validate()
+
+
+def test_lora_from_a_pooled_checkpoint_is_refused_with_the_way_out(tied_dir: Path, tmp_path: Path) -> None:
+    from rewardkit.training.bt import train_bt
+    from rewardkit.training.config import BTConfig
+
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="token read-out"):
+        train_bt(BTConfig(model=str(_pooled(tied_dir, tmp_path / "p")), train_file=str(data), mode="lora",
+                          output_dir=str(tmp_path / "o"), device="cpu", disable_tqdm=True))

@@ -209,6 +209,35 @@ def test_train_idrm_end_to_end_checkpoint_and_teacher_cache(tiny_llama_dir: Path
     assert res2.metrics["train_kl_last"] == pytest.approx(res.metrics["train_kl_last"], rel=1e-4)
 
 
+def test_train_idrm_full_mode_and_lora_on_every_layer(tiny_llama_dir: Path, tiny_teacher_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """Id-RM through the shared loop in its two other placements: every weight (full), and LoRA on all layers."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()), encoding="utf-8")
+    base = dict(model=str(tiny_llama_dir), train_file=str(data), device="cpu", num_epochs=1, batch_size=4,
+                learning_rate=1e-3, disable_tqdm=True, max_length=64, seed=1, eta=1.0, align_layers=1,
+                teacher_model=str(tiny_teacher_dir), teacher_epochs=0, teacher_cache_dir=str(tmp_path / "cache"))
+    before = load_reward_model(tiny_llama_dir)
+    full = train_idrm(IdRMConfig(output_dir=str(tmp_path / "f"), mode="full", **base))  # type: ignore[arg-type]
+    assert (tmp_path / "f" / "backbone" / "config.json").is_file()
+    moved = [n for (n, p), q in zip(full.rm.model.named_parameters(), before.model.parameters(), strict=True)
+             if not torch.equal(p, q)]
+    assert any(".layers.0." in n for n in moved)  # full mode trains below the aligned layer too
+    loaded = load_reward_model(tmp_path / "f")
+    item = Formatter(loaded.tokenizer, max_length=64).encode(ScoreItem(prompt="What is 3 + 11?", response="14."))
+    from rewardkit.core.scoring import Scorer
+
+    assert Scorer(loaded).score_batch([item])[0].raw_reward == pytest.approx(
+        Scorer(full.rm).score_batch([item])[0].raw_reward, abs=1e-5)
+    lora = train_idrm(IdRMConfig(output_dir=str(tmp_path / "l"), lora_layers="all", lora_r=2,  # type: ignore[arg-type]
+                                 **base))
+    assert lora.metrics["lora_layers"] == "all"
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "l" / "adapter" / "adapter_model.safetensors"))
+    assert any(".layers.0." in k for k in keys) and any(".layers.1." in k for k in keys)
+
+
 def test_config_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match="frozen"):
         IdRMConfig(train_file="x", output_dir="y", mode="frozen").validate()

@@ -231,10 +231,11 @@ def start_run(cfg: BTConfig, trainer: str, **start_fields: Any) -> Run:
                            reward_token_rule=cfg.reward_token_rule)
     if cfg.mode != "frozen" and not rm.meta.plain_readout:
         raise ValueError(f"model: {cfg.model} reads {rm.meta.readout!r} (layer {rm.meta.readout_layer}, ll_weight "
-                         f"{rm.meta.ll_weight}); mode={cfg.mode!r} trains the reward-token read-out only")
-    # the run's own read-out; a frozen head is trained from zero, so an LL weight from the start model is dropped
-    rm.meta.readout, rm.meta.readout_layer, rm.meta.ll_weight = cfg.readout, cfg.readout_layer, 0.0 if \
-        cfg.mode == "frozen" else rm.meta.ll_weight
+                         f"{rm.meta.ll_weight}), and mode={cfg.mode!r} trains the reward-token read-out only: start "
+                         "from a token read-out, e.g. a frozen run of `rewardkit train bt --model embedded:smollm2` "
+                         "(the bare backbone)")
+    # the run's own read-out; a frozen head is trained from zero, so an LL weight of the start model is dropped
+    rm.meta.readout, rm.meta.readout_layer, rm.meta.ll_weight = cfg.readout, cfg.readout_layer, 0.0
     from rewardkit.core.loading import check_readout
 
     check_readout(rm.model, dataclasses.replace(rm.meta, ll_weight=1.0 if cfg.ll_feature else 0.0))
