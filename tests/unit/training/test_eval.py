@@ -161,3 +161,49 @@ def test_masking_the_answer_span_drives_accuracy_to_chance(tiny_llama_dir: Path,
     assert s["mean_margin"] != 0.0
     with pytest.raises(ValueError, match="answer_span"):
         evaluate(rm, load_records(_rows())[0], probe_fractions=(0.0, 0.5), probe_scope="answer", progress=False)
+
+
+def test_relevance_accuracy_by_hand_and_its_sanity_case(tiny_llama_dir: Path) -> None:
+    from rewardkit.core.scoring import Scorer
+    from rewardkit.training.data import PreferencePair
+    from rewardkit.training.eval import evaluate
+    from rewardkit.training.rrm import draw_partners
+
+    rm = load_reward_model(tiny_llama_dir)
+    pairs = [PreferencePair(prompt=f"What is {i} + 1?", chosen=f"{i} + 1 = {i + 1}.", rejected=f"{i + 2}.")
+             for i in range(9)]
+    rep = evaluate(rm, pairs, probe_fractions=(), relevance=True, progress=False).summary()
+    partner, _ = draw_partners(len(pairs), seed=0)
+    fmt = Formatter(rm.tokenizer, max_length=2048)
+    scorer = Scorer(rm, prefix_sharing=False)
+    wins = 0.0
+    for i, p in enumerate(pairs):
+        own, other = scorer.score_batch([fmt.encode(ScoreItem(prompt=p.prompt, response=p.chosen)),
+                                         fmt.encode(ScoreItem(prompt=p.prompt, response=pairs[partner[i]].chosen))])
+        wins += 1.0 if own.reward > other.reward else 0.5 if own.reward == other.reward else 0.0
+    assert rep["relevance"]["pairs"] == 9 and rep["relevance"]["accuracy"] == pytest.approx(wins / 9)
+    assert rep["relevance"]["max_abs_margin"] > 1e-3  # different texts score differently
+    # sanity: every pair's chosen response is the same text, so own and borrowed are the same text on the same
+    # prompt: no margin at all (up to fp32 rounding between batch rows)
+    same = [PreferencePair(prompt=p.prompt, chosen="The answer.", rejected=p.rejected) for p in pairs]
+    assert evaluate(rm, same, probe_fractions=(), relevance=True, progress=False).summary()["relevance"][
+        "max_abs_margin"] < 1e-5
+    assert "relevance" not in evaluate(rm, pairs, probe_fractions=(), progress=False).summary()
+
+
+def test_feature_cache_path_adds_the_ll_term_of_a_pooled_model(tmp_path: Path) -> None:
+    from rewardkit.core import checkpoint as ckpt
+    from rewardkit.core.testing import make_tiny_reward_model
+    from rewardkit.training.data import PreferencePair
+    from rewardkit.training.eval import evaluate
+
+    base = make_tiny_reward_model(tmp_path / "tied", tie_embeddings=True)
+    head = load_reward_model(base).head.weight.detach().float()
+    ckpt.save_checkpoint(tmp_path / "p", {"weight": head}, ckpt.CheckpointMeta(
+        backbone=str(base), readout="mean_response", readout_layer=1, ll_weight=2.0))
+    rm = load_reward_model(tmp_path / "p")
+    pairs = [PreferencePair(prompt=f"Q{i}?", chosen=f"A {i}.", rejected=f"B {i} b.") for i in range(5)]
+    plain = evaluate(rm, pairs, probe_fractions=(), progress=False)
+    cached = evaluate(rm, pairs, probe_fractions=(), progress=False, feature_cache_dir=tmp_path / "fc")
+    assert torch.allclose(plain.raw_chosen, cached.raw_chosen, atol=1e-4)
+    assert torch.allclose(plain.raw_rejected, cached.raw_rejected, atol=1e-4)

@@ -115,6 +115,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                    help="what the probe hides: prompt and response content tokens (default; the chat template is "
                    "never hidden), the whole formatted text (the old probe), or the answer span only (sanity case)")
     p.add_argument("--probe-max-pairs", type=int, default=0, help="run the probe on the first N pairs only (0 = all)")
+    p.add_argument("--relevance", action="store_true", help="also the relevance accuracy: each prompt's own chosen "
+                   "response against another pair's chosen response on the same prompt (RRM's causal question)")
     p.add_argument("--feature-cache", default=None, metavar="DIR",
                    help="frozen-backbone heads: compute/reuse reward-token hidden states in DIR and apply the head "
                    "(same numbers as plain scoring, one backbone pass for every head)")
@@ -140,7 +142,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         results = evaluate_path(rm, args.data, splits=splits, max_pairs=args.max_pairs, max_length=args.max_length,
                                 max_tokens=args.max_batch_tokens, probe_fractions=fractions,
                                 probe_mode=args.probe_mode, probe_max_pairs=args.probe_max_pairs,
-                                probe_scope=args.probe_scope,
+                                probe_scope=args.probe_scope, relevance=args.relevance,
                                 progress=not args.no_progress, feature_cache_dir=args.feature_cache)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -150,6 +150,7 @@ class EvalReport:
     probe_mode: str = "replace"
     probe_scope: str = "content"
     probe_pairs: int = 0
+    relevance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def groups(self) -> dict[str, dict[str, list[int]]]:
         """Pair indices per task family and per artifact condition."""
@@ -182,6 +183,8 @@ class EvalReport:
             "per_artifact": {k: {"pairs": len(v), "accuracy": _accuracy(diff[v])} for k, v in g["artifact"].items()},
             "dropped": self.dropped,
         }
+        if self.relevance:
+            out["relevance"] = self.relevance
         if self.probe:
             out["masking_probe"] = {"mode": self.probe_mode, "scope": self.probe_scope, "pairs": self.probe_pairs,
                                     "accuracy": self.probe}
@@ -208,11 +211,15 @@ def _score_pairs(scorer: Scorer, pairs: Sequence[EncodedPair], max_tokens: int, 
 def _score_from_features(rm: RewardModel, pairs: Sequence[EncodedPair], max_tokens: int, progress: bool,
                          cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same rewards from cached reward-token hidden states: ``head(h)``, normalised as the scorer does."""
-    h_c, h_r = extract_features(rm, pairs, max_tokens=max_tokens, cache_dir=cache_dir, progress=progress)
-    head = rm.head
+    with_ll = bool(rm.meta.ll_weight)  # the read-out's LL term is the features' last column then
+    h_c, h_r = extract_features(rm, pairs, max_tokens=max_tokens, cache_dir=cache_dir, progress=progress,
+                                with_ll=with_ll)
+    head, hid = rm.head, rm.hidden_size
     with torch.no_grad():
-        qc = head(h_c.to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()  # (N,)
-        qr = head(h_r.to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()
+        qc = head(h_c[:, :hid].to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()  # (N,)
+        qr = head(h_r[:, :hid].to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()
+        if with_ll:
+            qc, qr = qc + rm.meta.ll_weight * h_c[:, hid], qr + rm.meta.ll_weight * h_r[:, hid]
     mean, std = rm.meta.norm_mean, rm.meta.norm_std
     return (qc - mean) / std, (qr - mean) / std, qc, qr
 
@@ -220,7 +227,7 @@ def _score_from_features(rm: RewardModel, pairs: Sequence[EncodedPair], max_toke
 def evaluate(rm: RewardModel, pairs: Sequence[PreferencePair], *, name: str = "data", max_length: int = 2048,
              max_tokens: int = 4096, probe_fractions: Sequence[float] = PROBE_FRACTIONS, probe_mode: str = "replace",
              probe_max_pairs: int = 0, progress: bool = True, feature_cache_dir: str | Path | None = None,
-             probe_scope: str = "content") -> EvalReport:
+             probe_scope: str = "content", relevance: bool = False) -> EvalReport:
     """Score every pair (dropping over-long ones, counted) and run the masking probe on the first
     ``probe_max_pairs`` pairs (0 = all).
 
@@ -246,6 +253,8 @@ def evaluate(rm: RewardModel, pairs: Sequence[PreferencePair], *, name: str = "d
     rc, rr, qc, qr = score(enc, f"eval {name}")
     out = EvalReport(name=name, pairs=enc, r_chosen=rc, r_rejected=rr, raw_chosen=qc, raw_rejected=qr,
                      dropped=report.to_dict()["dropped"], probe_mode=probe_mode, probe_scope=probe_scope)
+    if relevance and len(enc) >= 2:
+        out.relevance = _relevance(rm, enc, score, max_length)
     sub = enc[:probe_max_pairs] if probe_max_pairs else enc
     out.probe_pairs = len(sub)
     for f in probe_fractions:
@@ -260,6 +269,22 @@ def evaluate(rm: RewardModel, pairs: Sequence[PreferencePair], *, name: str = "d
         mc, mr, _, _ = score(masked, f"probe {f:.0%}")
         out.probe[f"{f:.1f}"] = _accuracy(mc - mr)
     return out
+
+
+def _relevance(rm: RewardModel, enc: Sequence[EncodedPair], score: Any, max_length: int) -> dict[str, Any]:
+    """Own chosen response vs a borrowed one on the same prompt (see :func:`evaluate`)."""
+    from rewardkit.training.features import to_score_item
+    from rewardkit.training.rrm import draw_partners
+
+    partner, _ = draw_partners(len(enc), seed=0)
+    fmt = Formatter(rm.tokenizer, max_length=max_length)
+    borrowed = [dataclasses.replace(ep, rejected=fmt.encode(
+        to_score_item(ep.pair.prompt, enc[partner[i]].pair.chosen), index=i, truncate=True))
+        for i, ep in enumerate(enc)]
+    own, other, _, _ = score(borrowed, "relevance")
+    d = own - other
+    return {"pairs": len(borrowed), "accuracy": _accuracy(d), "mean_margin": float(d.mean()),
+            "max_abs_margin": float(d.abs().max())}
 
 
 def data_files(path: str | Path) -> list[tuple[str, Path]]:
@@ -304,6 +329,10 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         if rows:
             lines += ["", f"{'data':<24} {title:<28} {'pairs':>5} {'acc':>6}"]
             lines += [f"{n:<24} {k:<28} {v['pairs']:>5} {v['accuracy']:>6.3f}" for n, k, v in rows]
+    rel = [(r["name"], r["relevance"]) for r in results if "relevance" in r]
+    if rel:
+        lines += ["", f"{'data':<24} {'relevance (own vs borrowed response)':<36} {'pairs':>5} {'acc':>6}"]
+        lines += [f"{n:<24} {'':<36} {v['pairs']:>5} {v['accuracy']:>6.3f}" for n, v in rel]
     return "\n".join(lines)
 
 
