@@ -169,3 +169,17 @@ def test_lora_from_a_pooled_checkpoint_is_refused_with_the_way_out(tied_dir: Pat
     with pytest.raises(ValueError, match="token read-out"):
         train_bt(BTConfig(model=str(_pooled(tied_dir, tmp_path / "p")), train_file=str(data), mode="lora",
                           output_dir=str(tmp_path / "o"), device="cpu", disable_tqdm=True))
+
+
+def test_cli_says_the_set_up_problem_in_one_line(tied_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from rewardkit.cli import main
+
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "bt", "--model", str(_pooled(tied_dir, tmp_path / "p")), "--mode", "lora", "--train-file",
+              str(data), "--output-dir", str(tmp_path / "o"), "--device", "cpu", "--disable-tqdm"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: model:" in err and "token read-out" in err and "Traceback" not in err

@@ -90,7 +90,11 @@ def _train_command(name: str) -> Callable[[argparse.Namespace], int]:
         except (ValueError, TypeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        metrics = fn(cfg, "rewardkit " + shlex.join(sys.argv[1:]))
+        try:
+            metrics = fn(cfg, "rewardkit " + shlex.join(sys.argv[1:]))
+        except ValueError as exc:  # a set-up problem the config could not see (the model, the data): one line
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(json.dumps(metrics, indent=2, sort_keys=True))
         return 0
     return run
