@@ -274,7 +274,7 @@ def evaluate(rm: RewardModel, pairs: Sequence[PreferencePair], *, name: str = "d
 def _relevance(rm: RewardModel, enc: Sequence[EncodedPair], score: Any, max_length: int) -> dict[str, Any]:
     """Own chosen response vs a borrowed one on the same prompt (see :func:`evaluate`)."""
     from rewardkit.training.features import to_score_item
-    from rewardkit.training.rrm import draw_partners
+    from rewardkit.training.partners import draw_partners
 
     partner, _ = draw_partners(len(enc), seed=0)
     fmt = Formatter(rm.tokenizer, max_length=max_length)
