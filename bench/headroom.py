@@ -111,15 +111,22 @@ def featurize(rm, texts: list[tuple[str, str]], batch_tokens: int = 2048) -> dic
     return out
 
 
-def fit_bt(dc: torch.Tensor, dr: torch.Tensor, l2: float) -> torch.Tensor:
-    """Linear BT head w (no bias) minimising mean softplus(-(c - r) . w) + l2 |w|^2; (N, H) x2 -> (H,)."""
+def fit_bt(dc: torch.Tensor, dr: torch.Tensor, l2: float, offset: torch.Tensor | None = None,
+           free: int = 0) -> torch.Tensor:
+    """Linear BT head w (no bias) minimising mean softplus(-(offset + (c - r) . w)) + l2 |w[:H-free]|^2;
+    (N, H) x2 -> (H,). ``offset`` (N,): a fixed margin added to every pair (default 0); the last ``free`` weights
+    are not penalised."""
     d = (dc - dr).double()  # (N, H)
+    off = torch.zeros(d.shape[0], dtype=torch.float64) if offset is None else offset.double()
+    pen = torch.ones(d.shape[1], dtype=torch.float64)
+    if free:
+        pen[-free:] = 0.0
     w = torch.zeros(d.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.softplus(-(d @ w)).mean() + l2 * (w * w).sum()
+        loss = torch.nn.functional.softplus(-(off + d @ w)).mean() + l2 * (pen * w * w).sum()
         loss.backward()
         return loss
 

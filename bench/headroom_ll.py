@@ -31,30 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from headroom import LAYERS, POSITIONS, STYLES, eval_sets, load_rows, mcnemar  # noqa: E402
+from headroom import LAYERS, POSITIONS, STYLES, eval_sets, fit_bt, load_rows, mcnemar  # noqa: E402
 
 READOUTS = ("L30|trail", "L20|mean_resp", "L12|mean_resp", "L20|last_resp", "L30|im_end")
-
-
-def fit(dc: torch.Tensor, dr: torch.Tensor, l2: float, offset: torch.Tensor | None = None,
-        free: int = 0) -> torch.Tensor:
-    """BT weights minimising mean softplus(-(offset + d . w)) + l2 |w[:H-free]|^2 (the last ``free`` unpenalised)."""
-    d = (dc - dr).double()
-    off = torch.zeros(d.shape[0], dtype=torch.float64) if offset is None else offset.double()
-    w = torch.zeros(d.shape[1], dtype=torch.float64, requires_grad=True)
-    pen = torch.ones(d.shape[1], dtype=torch.float64)
-    if free:
-        pen[-free:] = 0.0
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():  # type: ignore[no-untyped-def]
-        opt.zero_grad()
-        loss = torch.nn.functional.softplus(-(off + d @ w)).mean() + l2 * (pen * w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach()
 
 
 def main() -> None:
@@ -117,7 +96,7 @@ def main() -> None:
                     best = None
                     for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
                         off = (lc - lr_) if arm == "ll+residual" else None
-                        w = fit(x(c, lc), x(r, lr_), l2, off, free=1 if arm == "head+ll" else 0)
+                        w = fit_bt(x(c, lc), x(r, lr_), l2, off, free=1 if arm == "head+ll" else 0)
                         vm = (x(vc, vlc) - x(vr, vlr)) @ w + ((vlc - vlr) if arm == "ll+residual" else 0)
                         acc = float((vm > 0).double().mean())
                         if best is None or acc > best[0]:

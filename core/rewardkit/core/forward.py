@@ -31,8 +31,8 @@ def output_cache(out: Any) -> Any:
     """The KV cache of a model output, by the name the installed transformers uses."""
     return out.cache if CACHE_KW == "cache" else out.past_key_values
 
-__all__ = ["CACHE_KW", "ItemScore", "normalise", "output_cache", "pad_batch", "plain_forward", "readout",
-           "readout_forward", "reward_index", "reward_indices", "reward_position", "scores_from_hidden"]
+__all__ = ["CACHE_KW", "ItemScore", "normalise", "output_cache", "pad_batch", "plain_forward", "raw_reward",
+           "readout", "readout_forward", "reward_index", "reward_indices", "reward_position", "scores_from_hidden"]
 
 
 @dataclasses.dataclass
@@ -176,14 +176,21 @@ def normalise(rm: RewardModel, raw: Any) -> Any:
     return (raw - rm.meta.norm_mean) / rm.meta.norm_std
 
 
+def raw_reward(rm: RewardModel, h: torch.Tensor, ll: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's raw reward of read-out states ``h`` (B, H), plus ``ll_weight * ll`` when the model has an LL term:
+    (B,) fp32. The one place the two parts of a reward are added (scoring and feature-based evaluation)."""
+    raw = rm.head(h.to(rm.head.weight.device, rm.head.weight.dtype)).squeeze(-1).float()  # (B,)
+    if ll is not None and rm.meta.ll_weight:
+        raw = raw + rm.meta.ll_weight * ll.to(raw.device).float()
+    return raw
+
+
 def scores_from_hidden(rm: RewardModel, items: Sequence[EncodedItem], h_r: torch.Tensor, return_hidden: bool,
                        extra: Sequence[dict[str, Any]] | None = None, ll: torch.Tensor | None = None
                        ) -> list[ItemScore]:
     """The read-out states (B, H) of ``items`` -> head (+ ``ll_weight * ll``) -> normalisation -> one ItemScore
     each, in order. ``extra``: per-item ItemScore fields (ABC's attention row, reward index, entropy)."""
-    raw = rm.head(h_r).squeeze(-1).float()  # (B,)
-    if ll is not None and rm.meta.ll_weight:
-        raw = raw + rm.meta.ll_weight * ll.to(raw.device)
+    raw = raw_reward(rm, h_r, ll)  # (B,)
     rewards = normalise(rm, raw)
     raw_l, rew_l = raw.tolist(), rewards.tolist()
     ll_l = ll.tolist() if ll is not None else [None] * len(items)

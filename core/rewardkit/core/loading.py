@@ -224,7 +224,6 @@ def head_version(head: nn.Linear, meta: ckpt.CheckpointMeta | None = None) -> st
     return f"head-{hsh.hexdigest()[:12]}"
 
 
-
 def check_readout(model: nn.Module, meta: ckpt.CheckpointMeta) -> None:
     """The read-out in ``meta`` fits ``model``: the layer exists, and an LL term has a tied LM head to read."""
     config: Any = getattr(model, "config", None)

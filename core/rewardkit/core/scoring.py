@@ -58,12 +58,13 @@ class Scorer:
 
     ``padding_free``: score non-dense items unpadded (one forward per item or prefix group), the server's CPU choice.
     ``prefix_cache_bytes``: > 0 keeps prompts' KV across batches (LRU, at most that many bytes; needs
-    ``prefix_sharing``); counters in ``.kv.stats``.
+    ``prefix_sharing``); counters in ``.kv.stats``. ``want_ll``: every ItemScore also gets ``ll`` (the response's
+    mean log-likelihood), through the read-out path (training's LL feature).
     """
 
     def __init__(self, rm: RewardModel, padding_side: str = "right", prefix_sharing: bool = True,
-                 padding_free: bool = False, prefix_cache_bytes: int = 0, prefix_cache_block: int = DEFAULT_BLOCK
-                 ) -> None:
+                 padding_free: bool = False, prefix_cache_bytes: int = 0, prefix_cache_block: int = DEFAULT_BLOCK,
+                 want_ll: bool = False) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError("padding_side must be 'left' or 'right'")
         self.rm = rm
@@ -75,7 +76,7 @@ class Scorer:
         self.kv: PrefixKVCache | None = (PrefixKVCache(prefix_cache_bytes, prefix_cache_block, self.prefix.min_prefix)
                                          if prefix_sharing and prefix_cache_bytes > 0 else None)
         # also compute the response's mean log-likelihood (ItemScore.ll) when the read-out has no LL term (training)
-        self.want_ll = False
+        self.want_ll = want_ll
 
     @property
     def plain(self) -> bool:
@@ -258,7 +259,6 @@ class Scorer:
                             strict=True):
                 out[i] = s
         return [s for s in out if s is not None]
-
 
     @torch.inference_mode()
     def score_readout(self, items: Sequence[EncodedItem], return_hidden: bool = False, batched: bool = False

@@ -59,7 +59,7 @@ def train_frozen_head(cfg: BTConfig, accelerator: Any, rm: RewardModel, enc: lis
 
     Returns steps, last logged stats, and raw training rewards (2N,: chosen then rejected).
     """
-    with_ll = bool(getattr(cfg, "ll_feature", False))
+    with_ll = cfg.ll_feature
     h_c, h_r = extract_features(rm, enc, max_tokens=cfg.feature_batch_tokens,
                                 cache_dir=cfg.feature_cache_dir or None, progress=not cfg.disable_tqdm,
                                 with_ll=with_ll)  # (N, H) or (N, H + 1): the LM log-likelihood last

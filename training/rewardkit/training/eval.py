@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from rewardkit.core.formatting import EncodedItem, Formatter
+from rewardkit.core.forward import raw_reward
 from rewardkit.core.loading import RewardModel
 from rewardkit.core.scoring import Scorer
 from rewardkit.training.data import PreferencePair, load_preferences
@@ -214,12 +215,10 @@ def _score_from_features(rm: RewardModel, pairs: Sequence[EncodedPair], max_toke
     with_ll = bool(rm.meta.ll_weight)  # the read-out's LL term is the features' last column then
     h_c, h_r = extract_features(rm, pairs, max_tokens=max_tokens, cache_dir=cache_dir, progress=progress,
                                 with_ll=with_ll)
-    head, hid = rm.head, rm.hidden_size
+    hid = rm.hidden_size
     with torch.no_grad():
-        qc = head(h_c[:, :hid].to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()  # (N,)
-        qr = head(h_r[:, :hid].to(rm.device, head.weight.dtype)).squeeze(-1).float().cpu()
-        if with_ll:
-            qc, qr = qc + rm.meta.ll_weight * h_c[:, hid], qr + rm.meta.ll_weight * h_r[:, hid]
+        qc = raw_reward(rm, h_c[:, :hid], h_c[:, hid] if with_ll else None).cpu()  # (N,)
+        qr = raw_reward(rm, h_r[:, :hid], h_r[:, hid] if with_ll else None).cpu()
     mean, std = rm.meta.norm_mean, rm.meta.norm_std
     return (qc - mean) / std, (qr - mean) / std, qc, qr
 

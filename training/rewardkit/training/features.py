@@ -133,8 +133,7 @@ def extract_features(rm: RewardModel, pairs: Sequence[EncodedPair], *, max_token
     from tqdm.auto import tqdm
 
     # Prefix sharing off: on this data (short shared prompts, whole-batch system message) it measured slower on CPU.
-    scorer = Scorer(rm, prefix_sharing=False)
-    scorer.want_ll = with_ll
+    scorer = Scorer(rm, prefix_sharing=False, want_ll=with_ll)
     width = rm.hidden_size + int(with_ll)
     h_c = torch.zeros(len(pairs), width)
     h_r = torch.zeros(len(pairs), width)

@@ -48,7 +48,8 @@ from torch import nn
 from rewardkit.core import checkpoint as ckpt
 from rewardkit.core.formatting import Formatter
 from rewardkit.core.forward import reward_indices
-from rewardkit.core.loading import EMBEDDED_SMOLLM2, RewardModel, load_reward_model
+from rewardkit.core.loading import EMBEDDED_SMOLLM2, RewardModel, check_readout, load_reward_model
+from rewardkit.core.loading import head_version as _served_head_version
 from rewardkit.core.losses import pair_stats
 from rewardkit.training.config import BTConfig, parse_lora_layers, resolve_split
 from rewardkit.training.data import PreferencePair, load_preferences
@@ -134,9 +135,7 @@ def file_sha256(path: Path) -> str:
 
 def head_version(rm: RewardModel) -> str:
     """The version string the server reports for this head (:func:`rewardkit.core.loading.head_version`)."""
-    from rewardkit.core.loading import head_version as version
-
-    return version(rm.head, rm.meta)
+    return _served_head_version(rm.head, rm.meta)
 
 
 def load_pairs(path: str, split: str, limit: int, seed: int, max_drop_fraction: float
@@ -236,8 +235,6 @@ def start_run(cfg: BTConfig, trainer: str, **start_fields: Any) -> Run:
                          "(the bare backbone)")
     # the run's own read-out; a frozen head is trained from zero, so an LL weight of the start model is dropped
     rm.meta.readout, rm.meta.readout_layer, rm.meta.ll_weight = cfg.readout, cfg.readout_layer, 0.0
-    from rewardkit.core.loading import check_readout
-
     check_readout(rm.model, dataclasses.replace(rm.meta, ll_weight=1.0 if cfg.ll_feature else 0.0))
     fmt = Formatter(rm.tokenizer, max_length=cfg.max_length)
     enc, len_report = encode_pairs(pairs, fmt, max_drop_fraction=cfg.max_drop_fraction)
