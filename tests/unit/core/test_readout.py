@@ -147,6 +147,32 @@ def test_train_bt_mean_response_with_ll_round_trips_over_http(tied_dir: Path, tm
         assert r.headers["x-rewardkit-head-version"] == res.rm.head_version
 
 
+def test_train_rrm_frozen_mean_response_with_ll(tied_dir: Path, tmp_path: Path) -> None:
+    """RRM frozen on the default model's read-out: the LL column is a feature of every slot (the filter's baseline
+    and the RRM head read it), its weight is saved as ll_weight, and the served rewards are the trained ones."""
+    from rewardkit.training.rrm import RRMConfig, train_rrm
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?", "chosen": f"{i} + 2 = {i + 2}.",
+                                        "rejected": f"{i} + 2 = {i + 3}. Hope this helps!"}) + "\n"
+                            for i in range(8)), encoding="utf-8")
+    cfg = RRMConfig(model=str(tied_dir), train_file=str(data), output_dir=str(tmp_path / "m"), device="cpu",
+                    num_epochs=5, batch_size=8, learning_rate=5e-2, disable_tqdm=True, max_length=64, l2=0.1,
+                    readout="mean_response", readout_layer=2, ll_feature=True, augment_ratio=1.0, seed=1)
+    res = train_rrm(cfg)
+    assert res.rm.meta.ll_weight != 0.0
+    assert res.metrics["train_comparisons"] == 8 + sum(res.metrics["augmentation"]["used"].values())
+    loaded = load_reward_model(tmp_path / "m")
+    assert (loaded.meta.readout, loaded.meta.readout_layer) == ("mean_response", 2)
+    assert loaded.meta.ll_weight == pytest.approx(res.rm.meta.ll_weight)
+    encs = _encs(loaded)
+    ours = [s.reward for s in Scorer(res.rm).score_batch(encs)]
+    assert [_by_hand(loaded, it) for it in ITEMS] == pytest.approx(ours, abs=1e-4)
+    # ll_weight is a real part of the served reward: zeroing it changes the scores
+    loaded.meta.ll_weight = 0.0
+    assert [s.reward for s in Scorer(loaded).score_batch(encs)] != pytest.approx(ours, abs=1e-4)
+
+
 def test_readout_flags_are_validated() -> None:
     from rewardkit.training.config import BTConfig, IdRMConfig, RRMConfig
 
@@ -154,8 +180,9 @@ def test_readout_flags_are_validated() -> None:
         BTConfig(train_file="x", output_dir="y", mode="lora", readout="mean_response").validate()
     with pytest.raises(ValueError, match="readout_layer"):
         BTConfig(train_file="x", output_dir="y", readout_layer=3).validate()
-    with pytest.raises(ValueError, match="train bt"):
-        RRMConfig(train_file="x", output_dir="y", ll_feature=True).validate()
+    RRMConfig(train_file="x", output_dir="y", ll_feature=True, readout="mean_response").validate()  # frozen: fine
+    with pytest.raises(ValueError, match="frozen"):
+        RRMConfig(train_file="x", output_dir="y", mode="lora", ll_feature=True).validate()
     with pytest.raises(ValueError, match="frozen|train bt"):
         IdRMConfig(train_file="x", output_dir="y", readout="mean_response").validate()
 

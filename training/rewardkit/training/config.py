@@ -245,8 +245,7 @@ class RRMConfig(BTConfig):
             raise ValueError(f"tau must be within [0, 1], got {self.tau}")
         if self.augment_ratio < 0:
             raise ValueError(f"augment_ratio must be >= 0 (0 = keep every kept comparison), got {self.augment_ratio}")
-        if self.readout != "token" or self.ll_feature:
-            raise ValueError("readout / ll_feature: rewardkit train rrm reads the reward token only (use train bt)")
+        # readout / ll_feature: BT's check already limits them to mode='frozen', where RRM trains on the same features
 
 
 @dataclasses.dataclass

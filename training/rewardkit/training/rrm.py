@@ -198,17 +198,18 @@ def subsample_comparisons(kept: Sequence[Comparison], n_pairs: int, ratio: float
 
 def _slot_features(rm: RewardModel, cfg: RRMConfig, items: Sequence[EncodedItem], enc: Sequence[EncodedPair]
                    ) -> torch.Tensor:
-    """Reward-token hidden states of every slot, (S, H), through the BT trainer's cached feature extraction."""
+    """What the head reads for every slot, (S, H) (or (S, H + 1) with ``ll_feature``: the backbone's mean
+    log-likelihood of the response last), through the BT trainer's cached feature extraction."""
     # Pseudo-pairs (slot 6i+2 with 6i+3, 6i+4 with 6i+5) so the same extractor and cache serve the off-prompt slots;
     # the original pairs go through exactly the call the baseline made, so they are cache hits.
     pseudo = [EncodedPair(pair=enc[i].pair, chosen=items[SLOTS_PER_EXAMPLE * i + s],
                           rejected=items[SLOTS_PER_EXAMPLE * i + s + 1], index=i)
               for i in range(len(enc)) for s in (2, 4)]
     kw = dict(max_tokens=cfg.feature_batch_tokens, cache_dir=cfg.feature_cache_dir or None,
-              progress=not cfg.disable_tqdm)
+              progress=not cfg.disable_tqdm, with_ll=cfg.ll_feature)
     h_c, h_r = extract_features(rm, enc, **kw)  # type: ignore[arg-type]
     a_c, a_r = extract_features(rm, pseudo, **kw)  # type: ignore[arg-type]
-    feats = torch.zeros(len(items), rm.hidden_size)
+    feats = torch.zeros(len(items), h_c.shape[1])
     base = torch.arange(len(enc)) * SLOTS_PER_EXAMPLE  # (N,)
     feats[base], feats[base + 1] = h_c, h_r
     feats[base + 2], feats[base + 3] = a_c[0::2], a_r[0::2]
@@ -237,10 +238,11 @@ def _comparison_stats(r_a: torch.Tensor, r_b: torch.Tensor, lab: torch.Tensor) -
 
 
 def _train_head_on_features(cfg: RRMConfig, accelerator: Any, feats: torch.Tensor, comps: Sequence[Comparison],
-                            run_log: RunLog) -> tuple[torch.Tensor, int, dict[str, float], float]:
-    """Frozen mode: a zero-initialised linear head on the scaled slot features with :func:`rrm_loss`.
+                            run_log: RunLog, hidden_size: int) -> tuple[torch.Tensor, int, dict[str, float], float]:
+    """Frozen mode: a zero-initialised linear head on the scaled slot features with :func:`rrm_loss` (plus, as in
+    ``train bt``, ``l2 * |w|^2`` over the first ``hidden_size`` standardised features: an LL column is unpenalised).
 
-    Returns the weights reading raw features (1, H), steps, last logged stats and seconds per epoch.
+    Returns the weights reading raw features (1, H[+1]), steps, last logged stats and seconds per epoch.
     """
     scale = feats.std(dim=0).clamp(min=1e-6)  # (H,) as the BT trainer scales its features
     x = (feats / scale).to(accelerator.device)
@@ -254,7 +256,11 @@ def _train_head_on_features(cfg: RRMConfig, accelerator: Any, feats: torch.Tenso
     def step(batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         idx = torch.tensor(batch, device=x.device)
         r_a, r_b = head(x[a[idx]]).squeeze(-1), head(x[b[idx]]).squeeze(-1)  # (B,) each
-        return rrm_loss(r_a, r_b, lab[idx], cfg.center_rewards_coefficient), _comparison_stats(r_a, r_b, lab[idx])
+        loss = rrm_loss(r_a, r_b, lab[idx], cfg.center_rewards_coefficient)
+        if cfg.l2:
+            w = head.weight[:, :hidden_size]
+            loss = loss + cfg.l2 * (w * w).sum()
+        return loss, _comparison_stats(r_a, r_b, lab[idx])
 
     steps, last, sec_epoch = optimise(cfg, accelerator, head, step, len(comps), run_log, "train rrm")
     return accelerator.unwrap_model(head).weight.detach().float().cpu() / scale, steps, last, sec_epoch
@@ -313,6 +319,8 @@ def train_rrm(cfg: RRMConfig, command: str | None = None) -> TrainResult:
                 finally:
                     base_log.close()
                 trained_head = rm.head.weight.detach().float().cpu().clone()  # (1, H) reads raw hidden states
+                if cfg.ll_feature:  # (1, H + 1): the LL column's weight last, as the slot features hold it
+                    trained_head = torch.cat([trained_head, torch.tensor([[rm.meta.ll_weight]])], dim=1)
                 t_base = time.time() - t
         # 2. the filter, then the cap on augmented comparisons
         if cfg.baseline_model:
@@ -330,11 +338,13 @@ def train_rrm(cfg: RRMConfig, command: str | None = None) -> TrainResult:
         peft_model = None
         if cfg.mode == "frozen":
             assert feats is not None
-            w, steps, last, sec_epoch = _train_head_on_features(cfg, accelerator, feats, used_comps, run.run_log)
+            w, steps, last, sec_epoch = _train_head_on_features(cfg, accelerator, feats, used_comps, run.run_log,
+                                                                rm.hidden_size)
             with torch.no_grad():
-                rm.head.weight.copy_(w.to(rm.head.weight.dtype))
+                rm.head.weight.copy_(w[:, :rm.hidden_size].to(rm.head.weight.dtype))
                 if rm.head.bias is not None:
                     rm.head.bias.zero_()
+                rm.meta.ll_weight = float(w[0, rm.hidden_size]) if cfg.ll_feature else 0.0
             base = torch.arange(len(enc)) * SLOTS_PER_EXAMPLE
             r = feats @ w.squeeze(0)  # (S,)
             raw = torch.cat([r[base], r[base + 1]])  # (2N,) the original pairs, chosen then rejected
