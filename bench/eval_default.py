@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from headroom import STYLES, eval_sets, featurize, mcnemar  # noqa: E402
+from headroom import LAYERS, POSITIONS, STYLES, eval_sets, featurize, mcnemar  # noqa: E402
 
 
 def main() -> None:
@@ -64,9 +64,14 @@ def main() -> None:
     feats = load_file(str(hdir / "features.safetensors"))
     pos = {k: i for i, k in enumerate(index)}
     w_default = load_file(str(DEFAULT_HEAD_DIR / "head.safetensors"))["weight"].float().squeeze(0)  # (H,)
-    h_last = feats["h"][:, -1, 0].float()  # (N, H): layer 30, the trailing token = the served read-out
-    default_r = h_last @ w_default
+    meta = json.loads((DEFAULT_HEAD_DIR / "rewardkit.json").read_text())
     ll = feats["ll"]
+    # the committed default through its own read-out (the headroom features hold every read-out it can have)
+    if meta.get("readout", "token") == "mean_response":
+        h_def = feats["h"][:, LAYERS.index(meta["readout_layer"]), POSITIONS.index("mean_resp")].float()
+    else:
+        h_def = feats["h"][:, -1, 0].float()  # (N, H): layer 30, the trailing token = the reward token
+    default_r = h_def @ w_default + float(meta.get("ll_weight", 0.0)) * ll
 
     rm = load_reward_model(a.model, device="cpu")
     fmt = Formatter(rm.tokenizer, max_length=1024)
