@@ -7,6 +7,13 @@
 - One worker thread owns the device; the event loop never runs the model.
 - Items whose request was cancelled (client gone) or whose deadline passed are dropped before the model.
 - If a batch raises, its items are retried one by one so a failing item fails only its own request.
+- Fair between runs (start-time fair queueing): each item gets a virtual start tag, ``max(V, its run's last finish)``,
+  and costs its tokens divided by its run's weight; batches start from the smallest tag instead of the oldest item.
+  A run that floods the queue pushes only its own tags ahead, so another run's next item is served in the next
+  batch. With one run (or none named) tags follow arrival order: plain FIFO, as before.
+  While two or more runs are active (waiting, or submitted or answered within 1 s), a batch is the ``fair_batch_size`` smallest
+  tags (a short batch: where a batch's time grows with its items, as on CPU, a run's next item waits at most one
+  short batch, not a full one).
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class Job(Generic[P]):
     enqueued: float
     deadline: float
     key: Hashable | None = None  # prefix-group key (see Scheduler's group_key)
+    tag: float = 0.0  # virtual start time (fair queueing between runs): batches start from the smallest
+    run: str | None = None  # the training run it scores for
 
 
 @dataclasses.dataclass
@@ -123,8 +132,14 @@ class Scheduler(Generic[P, R]):
                  max_wait_s: float, max_queue_items: int,
                  on_batch: Callable[[BatchStats], None] | None = None, inline: bool = False,
                  max_padding: float = 1.0, group_key: Callable[[P], Hashable | None] | None = None,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 executor: ThreadPoolExecutor | None = None,
+                 run_weight: Callable[[str | None], float] | None = None, fair_batch_size: int = 0) -> None:
         self._batch_fn = batch_fn
+        self._run_weight = run_weight  # a run's share of the model (default 1 each); see the module docstring
+        self._vtime = 0.0  # virtual time: the start tag of the last batch's first item
+        self._finish: dict[str | None, float] = {}  # each run's last virtual finish time (pruned once <= _vtime)
+        self.fair_batch_size = fair_batch_size  # batch cap while several runs are active (0: no cap)
+        self._seen: dict[str | None, float] = {}  # run -> when it last submitted or was answered (pruned)
         self._group_key = group_key  # prefix-group key of a payload (rewardkit.core.prefix): mates share a batch
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -174,20 +189,28 @@ class Scheduler(Generic[P, R]):
         if self._own_executor:
             self._executor.shutdown(wait=True, cancel_futures=False)
 
-    def submit(self, payloads: Sequence[P], lengths: Sequence[int], timeout_s: float) -> list[asyncio.Future[R]]:
-        """Queue all items of one request atomically; raise QueueFull if they do not fit."""
+    def submit(self, payloads: Sequence[P], lengths: Sequence[int], timeout_s: float,
+               run: str | None = None) -> list[asyncio.Future[R]]:
+        """Queue all items of one request atomically; raise QueueFull if they do not fit.
+
+        ``run``: the training run the request scores for (fair share between runs; None = the unnamed run)."""
         if self._closing:
             raise QueueFull("server is shutting down")
         if len(self._pending) + len(payloads) > self.max_queue_items:
             raise QueueFull(f"queue holds {len(self._pending)} items; max_queue_items={self.max_queue_items}")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
+        self._seen[run] = now
+        weight = 1.0 if self._run_weight is None else self._run_weight(run)
+        tag = max(self._vtime, self._finish.get(run, 0.0))
         futs: list[asyncio.Future[R]] = []
         for p, n in zip(payloads, lengths, strict=True):
             fut: asyncio.Future[R] = loop.create_future()
             key = None if self._group_key is None else self._group_key(p)
-            self._pending.append(Job(p, n, fut, now, now + timeout_s, key))
+            self._pending.append(Job(p, n, fut, now, now + timeout_s, key, tag, run))
+            tag += max(n, 1) / weight
             futs.append(fut)
+        self._finish[run] = tag
         self._wakeup.set()
         return futs
 
@@ -224,10 +247,13 @@ class Scheduler(Generic[P, R]):
             self._drop_dead()
             if not self._pending:
                 continue
-            keys = None if self._group_key is None else [j.key for j in self._pending]
-            idx = select_batch([j.num_tokens for j in self._pending], [j.enqueued for j in self._pending],
-                               self.max_batch_tokens, self.max_batch_size, self.max_padding, keys)
+            idx = self._contended_batch()
+            if idx is None:
+                keys = None if self._group_key is None else [j.key for j in self._pending]
+                idx = select_batch([j.num_tokens for j in self._pending], [j.tag for j in self._pending],
+                                   self.max_batch_tokens, self.max_batch_size, self.max_padding, keys)
             chosen = set(idx)
+            self._advance(min(self._pending[i].tag for i in idx))
             batch = [self._pending[i] for i in sorted(idx, key=lambda i: self._pending[i].num_tokens)]
             self._pending = [j for k, j in enumerate(self._pending) if k not in chosen]
             self.in_flight += len(batch)
@@ -235,6 +261,36 @@ class Scheduler(Generic[P, R]):
                 await self._run(loop, batch)
             finally:
                 self.in_flight -= len(batch)
+
+    def active_runs(self) -> int:
+        """Runs with items waiting, or that submitted or were answered within the last second: a run whose requests
+        were just answered is between requests, not gone (a closed-loop trainer sends its next one a round trip
+        later)."""
+        horizon = time.monotonic() - 1.0
+        self._seen = {r: t for r, t in self._seen.items() if t >= horizon}
+        return len(self._seen | {j.run: 0.0 for j in self._pending})
+
+    def _contended_batch(self) -> list[int] | None:
+        """While several runs are active: the smallest tags, at most ``fair_batch_size`` items within the token
+        budget (None otherwise: the usual length-sorted batch)."""
+        cap = min(self.fair_batch_size, self.max_batch_size)
+        if cap <= 0 or self.active_runs() < 2:
+            return None
+        out: list[int] = []
+        width = 0
+        for i in sorted(range(len(self._pending)), key=lambda k: self._pending[k].tag):
+            w = max(width, self._pending[i].num_tokens)
+            if out and (len(out) >= cap or w * (len(out) + 1) > self.max_batch_tokens):
+                break
+            out.append(i)
+            width = w
+        return out
+
+    def _advance(self, tag: float) -> None:
+        """Move virtual time to the tag a batch starts from; forget runs whose backlog it has passed (bounded)."""
+        self._vtime = max(self._vtime, tag)
+        if len(self._finish) > 1:
+            self._finish = {r: f for r, f in self._finish.items() if f > self._vtime}
 
     def _budget_left(self) -> bool:
         """True while the pending items do not yet fill one batch (worth waiting for more)."""
@@ -267,7 +323,9 @@ class Scheduler(Generic[P, R]):
                     except Exception as one_exc:
                         pairs.append((job, one_exc))
         seconds = time.monotonic() - t0
+        answered = time.monotonic()
         for job, res in pairs:
+            self._seen[job.run] = answered
             if job.future.done():
                 continue
             if isinstance(res, BaseException):

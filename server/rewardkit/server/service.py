@@ -72,7 +72,9 @@ class RewardService:
             self._run_batch, max_batch_tokens=settings.max_batch_tokens, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0, max_queue_items=settings.max_queue_items,
             on_batch=self._on_batch, max_padding=settings.max_padding_fraction, inline=settings.worker_mode == "inline",
-            executor=torch_thread.EXECUTOR,
+            executor=torch_thread.EXECUTOR, run_weight=settings.run_weight,
+            fair_batch_size=(settings.fair_batch_size if settings.fair_batch_size is not None
+                             else 4 if self.padding_free else settings.max_batch_size),
             group_key=(lambda job: prefix_key(job.enc)) if settings.prefix_sharing else None)  # prompt mates batch together
         # operations (issue 7): drift monitor fed with every returned reward, optional Redis score cache
         def monitor() -> DriftMonitor:  # the global one and each run's: the same settings
@@ -137,8 +139,10 @@ class RewardService:
                             want_hidden: bool = False) -> list[ItemScore]:
         """Queue encoded items and wait for their scores (in order)."""
         try:
+            tag = RUN.get()  # fair share between runs (scheduler.py)
             futs = self.scheduler.submit([ModelJob(e, dense, want_hidden) for e in encs], [e.num_tokens for e in encs],
-                                         timeout_s=self.settings.request_timeout_s)
+                                         timeout_s=self.settings.request_timeout_s,
+                                         run=None if tag is None else tag.run_id)
         except QueueFull as exc:
             raise Overloaded(f"server overloaded: {exc}", retry_after=1.0) from exc
         try:

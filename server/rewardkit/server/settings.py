@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     max_runs: int = Field(32, ge=1, le=10_000, description=(
         "distinct runs (x-rewardkit-run / run_id) with their own drift monitor and Prometheus series; later runs "
         "are counted as 'other'"))
+    run_weights: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict, description=(
+        "runs' shares of the model when several wait at once: run-id prefix -> weight (longest prefix wins; others "
+        "weigh 1); env: JSON or PREFIX=W,PREFIX=W"))
+    fair_batch_size: int | None = Field(None, ge=0, description=(
+        "while requests of several runs wait, a batch holds at most this many items, smallest fair-share tags first, "
+        "so a run's next item waits one short batch (None: 4 on the CPU's padding-free path, where a batch's time "
+        "grows with its items, else max_batch_size; 0: no cap)"))
     drift_sync_interval_s: float = Field(5.0, gt=0, description="how often a replica pushes its window to Redis")
     state_dir: Path = Field(Path("./rewardkit-state"), description="R2M heads and other server state")
     # -- R2M online alignment (rewardkit.server.r2m; docs/r2m.md) --
@@ -129,6 +136,29 @@ class Settings(BaseSettings):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
+    @field_validator("run_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, v: object) -> object:
+        if isinstance(v, str):
+            if v.strip().startswith("{"):
+                return json.loads(v)
+            out: dict[str, object] = {}
+            for part in (p.strip() for p in v.split(",") if p.strip()):
+                prefix, sep, w = part.rpartition("=")
+                if not sep or not prefix:
+                    raise ValueError(f"run_weights: expected PREFIX=WEIGHT, got {part!r}")
+                out[prefix] = w
+            return out
+        return v
+
+    @field_validator("run_weights", mode="after")
+    @classmethod
+    def _check_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        for prefix, w in v.items():
+            if not (0.001 <= w <= 1000):
+                raise ValueError(f"run_weights[{prefix!r}]: a weight is in [0.001, 1000], got {w}")
+        return v
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
@@ -161,6 +191,14 @@ class Settings(BaseSettings):
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_length ({self.max_length}) "
                              "or a single long item could never be scheduled")
         return self
+
+    def run_weight(self, run: str | None) -> float:
+        """A run's share of the model: the weight of the longest ``run_weights`` prefix it starts with, else 1."""
+        best, weight = -1, 1.0
+        for prefix, w in self.run_weights.items():
+            if run is not None and run.startswith(prefix) and len(prefix) > best:
+                best, weight = len(prefix), w
+        return weight
 
     def key_values(self) -> list[bytes]:
         return [k.get_secret_value().encode() for k in self.api_keys]

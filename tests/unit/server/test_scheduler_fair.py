@@ -1,0 +1,93 @@
+"""Fair share between runs (start-time fair queueing in the scheduler): a flooding run cannot starve another, weights
+set the shares, and with one run the order is plain FIFO as before."""
+
+from __future__ import annotations
+
+import asyncio
+
+from rewardkit.server.scheduler import Scheduler
+from rewardkit.server.settings import Settings
+
+
+def _order(submissions: list[tuple[str | None, int]], weight: dict[str, float] | None = None,
+           batch: int = 1) -> list[str]:
+    """Submit (run, n items) requests all at once, then run batches of ``batch`` items; the runs in service order."""
+    served: list[str] = []
+
+    def fn(xs: list[str]) -> list[str]:
+        served.extend(xs)
+        return xs
+
+    async def main() -> None:
+        s: Scheduler[str, str] = Scheduler(fn, max_batch_tokens=10_000, max_batch_size=batch, max_wait_s=0.0,
+                                           max_queue_items=10_000,
+                                           run_weight=(lambda r: (weight or {}).get(r or "", 1.0)))
+        futs = []
+        for k, (run, n) in enumerate(submissions):
+            futs += s.submit([f"{run}:{k}:{i}" for i in range(n)], [10] * n, timeout_s=10, run=run)
+        s.start()
+        await asyncio.gather(*futs)
+        await s.stop()
+
+    asyncio.run(main())
+    return served
+
+
+def test_one_run_is_fifo() -> None:
+    served = _order([(None, 3), (None, 2), (None, 4)])
+    assert served == [f"None:{k}:{i}" for k, n in enumerate((3, 2, 4)) for i in range(n)]
+    named = _order([("a", 3), ("a", 2)])
+    assert named == [f"a:{k}:{i}" for k, n in enumerate((3, 2)) for i in range(n)]
+
+
+def test_flooding_run_does_not_starve_another() -> None:
+    served = _order([("big", 64), ("small", 4)])  # the big run's 64 items were queued first
+    small = [i for i, x in enumerate(served) if x.startswith("small")]
+    assert small == [1, 3, 5, 7], small  # alternating with the big run (tie at tag 0: the older first)
+    fifo = _order([(None, 64), (None, 4)])  # unnamed: one run, arrival order, the small request last
+    assert [i for i, x in enumerate(fifo) if x.startswith("None:1")] == [64, 65, 66, 67]
+
+
+def test_weights_set_the_shares() -> None:
+    served = _order([("a", 40), ("b", 40)], weight={"a": 3.0})
+    first = served[:40]
+    share_a = sum(x.startswith("a") for x in first) / 40
+    assert 0.7 <= share_a <= 0.8, share_a  # 3:1 while both wait
+
+
+def test_idle_run_gets_no_credit() -> None:
+    """A run that was idle while another was served starts at the current virtual time, not at zero (it cannot
+    bank its idle time and then hold the model)."""
+    served: list[str] = []
+
+    def fn(xs: list[str]) -> list[str]:
+        served.extend(xs)
+        return xs
+
+    async def main() -> None:
+        s: Scheduler[str, str] = Scheduler(fn, max_batch_tokens=10_000, max_batch_size=1, max_wait_s=0.0,
+                                           max_queue_items=1000)
+        s.start()
+        await asyncio.gather(*s.submit([f"a{i}" for i in range(20)], [10] * 20, timeout_s=10, run="a"))
+        futs = s.submit([f"a{i}" for i in range(20, 30)], [10] * 10, timeout_s=10, run="a")
+        futs += s.submit([f"b{i}" for i in range(10)], [10] * 10, timeout_s=10, run="b")
+        await asyncio.gather(*futs)
+        await s.stop()
+
+    asyncio.run(main())
+    later = served[20:]
+    assert sum(x.startswith("b") for x in later[:10]) == 5, later  # b shares from now on, no catch-up burst
+
+
+def test_run_weight_setting() -> None:
+    s = Settings(run_weights="team-a/=2,team-a/eval=0.5")  # type: ignore[arg-type]
+    assert s.run_weight("team-a/x") == 2.0 and s.run_weight("team-a/eval-1") == 0.5
+    assert s.run_weight("team-b") == 1.0 and s.run_weight(None) == 1.0
+    assert Settings(run_weights='{"x": 3}').run_weight("xy") == 3.0  # type: ignore[arg-type]
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="weight is in"):
+        Settings(run_weights="a=0")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="PREFIX=WEIGHT"):
+        Settings(run_weights="abc")  # type: ignore[arg-type]
