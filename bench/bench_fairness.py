@@ -94,8 +94,8 @@ def bench_model(name: str, model: str | None, a: argparse.Namespace, tmp: Path) 
     try:
         asyncio.run(run_load(url, texts(16, words, 999), None, True, a.small_conc, a.flood_conc))  # warm-up
         for rep in range(a.repeats):
-            for phase in ("solo", "fair", "fifo"):
-                small = texts(n_small, words, seed=100 * rep + len(phases[phase]) + hash(phase) % 50)
+            for k, phase in enumerate(("solo", "fair", "fifo")):
+                small = texts(n_small, words, seed=100 * rep + k)  # fresh texts per phase (no cache hits)
                 flood = None if phase == "solo" else texts(4000, words, seed=7 + rep)
                 res = asyncio.run(run_load(url, small, flood, phase != "fifo", a.small_conc, a.flood_conc))
                 phases[phase].append(res)

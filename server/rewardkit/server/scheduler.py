@@ -11,9 +11,9 @@
   and costs its tokens divided by its run's weight; batches start from the smallest tag instead of the oldest item.
   A run that floods the queue pushes only its own tags ahead, so another run's next item is served in the next
   batch. With one run (or none named) tags follow arrival order: plain FIFO, as before.
-  While two or more runs are active (waiting, or submitted or answered within 1 s), a batch is the ``fair_batch_size`` smallest
-  tags (a short batch: where a batch's time grows with its items, as on CPU, a run's next item waits at most one
-  short batch, not a full one).
+  While two or more runs are active (waiting, or submitted or answered within 1 s), a batch is the
+  ``fair_batch_size`` smallest tags (a short batch: where a batch's time grows with its items, as on CPU, a run's
+  next item waits at most one short batch, not a full one).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 P = TypeVar("P")  # what the model worker receives per item
 R = TypeVar("R")  # what it returns per item
+
+
+ACTIVE_S = 1.0  # a run that submitted or was answered this recently is still active (fair share)
 
 
 class QueueFull(Exception):
@@ -253,9 +256,9 @@ class Scheduler(Generic[P, R]):
                 idx = select_batch([j.num_tokens for j in self._pending], [j.tag for j in self._pending],
                                    self.max_batch_tokens, self.max_batch_size, self.max_padding, keys)
             chosen = set(idx)
-            self._advance(min(self._pending[i].tag for i in idx))
             batch = [self._pending[i] for i in sorted(idx, key=lambda i: self._pending[i].num_tokens)]
             self._pending = [j for k, j in enumerate(self._pending) if k not in chosen]
+            self._advance(min(j.tag for j in batch))
             self.in_flight += len(batch)
             try:
                 await self._run(loop, batch)
@@ -266,9 +269,8 @@ class Scheduler(Generic[P, R]):
         """Runs with items waiting, or that submitted or were answered within the last second: a run whose requests
         were just answered is between requests, not gone (a closed-loop trainer sends its next one a round trip
         later)."""
-        horizon = time.monotonic() - 1.0
-        self._seen = {r: t for r, t in self._seen.items() if t >= horizon}
-        return len(self._seen | {j.run: 0.0 for j in self._pending})
+        horizon = time.monotonic() - ACTIVE_S
+        return len({r for r, t in self._seen.items() if t >= horizon} | {j.run for j in self._pending})
 
     def _contended_batch(self) -> list[int] | None:
         """While several runs are active: the smallest tags, at most ``fair_batch_size`` items within the token
@@ -287,10 +289,15 @@ class Scheduler(Generic[P, R]):
         return out
 
     def _advance(self, tag: float) -> None:
-        """Move virtual time to the tag a batch starts from; forget runs whose backlog it has passed (bounded)."""
+        """Move virtual time to the tag a batch starts from (called once the batch left the queue). Forget the
+        finish tags it has passed, and those of runs with nothing waiting that were not seen within ``ACTIVE_S``:
+        the bookkeeping holds only runs that are waiting or recent, whatever run ids clients send."""
         self._vtime = max(self._vtime, tag)
-        if len(self._finish) > 1:
-            self._finish = {r: f for r, f in self._finish.items() if f > self._vtime}
+        horizon = time.monotonic() - ACTIVE_S  # run ids come from clients: keep only the recent ones
+        self._seen = {r: t for r, t in self._seen.items() if t >= horizon}
+        waiting = {j.run for j in self._pending}
+        self._finish = {r: f for r, f in self._finish.items()
+                        if f > self._vtime and (r in waiting or r in self._seen)}
 
     def _budget_left(self) -> bool:
         """True while the pending items do not yet fill one batch (worth waiting for more)."""
@@ -322,8 +329,8 @@ class Scheduler(Generic[P, R]):
                         pairs.append((job, one[0]))
                     except Exception as one_exc:
                         pairs.append((job, one_exc))
-        seconds = time.monotonic() - t0
         answered = time.monotonic()
+        seconds = answered - t0
         for job, res in pairs:
             self._seen[job.run] = answered
             if job.future.done():

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
         "runs' shares of the model when several wait at once: run-id prefix -> weight (longest prefix wins; others "
         "weigh 1); env: JSON or PREFIX=W,PREFIX=W"))
     fair_batch_size: int | None = Field(None, ge=0, description=(
-        "while requests of several runs wait, a batch holds at most this many items, smallest fair-share tags first, "
+        "while two or more runs are active (waiting, or seen within 1 s), a batch holds at most this many items, smallest fair-share tags first, "
         "so a run's next item waits one short batch (None: 4 on the CPU's padding-free path, where a batch's time "
         "grows with its items, else max_batch_size; 0: no cap)"))
     drift_sync_interval_s: float = Field(5.0, gt=0, description="how often a replica pushes its window to Redis")

@@ -91,3 +91,24 @@ def test_run_weight_setting() -> None:
         Settings(run_weights="a=0")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="PREFIX=WEIGHT"):
         Settings(run_weights="abc")  # type: ignore[arg-type]
+
+
+def test_run_bookkeeping_stays_bounded(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Run ids come from clients: after the runs are served and gone, the scheduler holds none of them, with the
+    short-batch cap off too (the pruning does not depend on it)."""
+    import rewardkit.server.scheduler as sched
+
+    monkeypatch.setattr(sched, "ACTIVE_S", 0.0)
+    for cap in (0, 4):
+        async def main() -> Scheduler[str, str]:
+            s: Scheduler[str, str] = Scheduler(lambda xs: xs, max_batch_tokens=10_000, max_batch_size=8,
+                                               max_wait_s=0.0, max_queue_items=10_000, fair_batch_size=cap)
+            s.start()
+            for i in range(300):
+                await asyncio.gather(*s.submit([f"x{i}"], [10], timeout_s=10, run=f"run-{i}"))
+            await asyncio.gather(*s.submit(["last"], [10], timeout_s=10, run="last"))
+            await s.stop()
+            return s
+
+        s = asyncio.run(main())
+        assert len(s._seen) <= 2 and len(s._finish) <= 2, (cap, len(s._seen), len(s._finish))
