@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from rewardkit.core.loading import RewardModel, load_reward_model
 from rewardkit.server import torch_thread
+from rewardkit.server.compose.serving import ModelRegistry
 from rewardkit.server.deps import AppState
 from rewardkit.server.errors import install_error_handlers
 from rewardkit.server.metrics import Metrics
@@ -40,8 +41,8 @@ from rewardkit.server.vllm import router as vllm
 
 log = logging.getLogger(__name__)
 
-def build_service(state: AppState, rm: RewardModel) -> RewardService:
-    service = RewardService(state.settings, rm, metrics=state.metrics)
+def build_service(state: AppState, rm: RewardModel, settings: Settings | None = None) -> RewardService:
+    service = RewardService(settings or state.settings, rm, metrics=state.metrics)
     service.scheduler.start()
     return service
 
@@ -64,7 +65,16 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None, 
             model = rm if rm is not None else await torch_thread.run(  # the thread that will run the forwards
                 load_reward_model, settings.model, device=settings.device, dtype=settings.dtype,
                 trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
+            extra = {}
+            for name, path in settings.extra_models.items():  # more models: one service (scheduler) each
+                xrm = await torch_thread.run(
+                    load_reward_model, path, device=settings.device, dtype=settings.dtype,
+                    trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
+                extra[name] = build_service(state, xrm, settings.model_copy(update={
+                    "drift_enabled": False, "model": path, "served_model_name": []}))
+                log.info("loaded model name=%s id=%s path=%s", name, xrm.model_id, path)
             state.service = build_service(state, model)
+            state.registry = ModelRegistry(settings, state.service, extra)
             await ops_redis.attach_service(state)  # Redis score cache + latest published head, when configured
             await r2m_wiring.attach(state)  # R2M store, feedback queue, background updater (rewardkit.server.r2m)
             log.info("ready model=%s head_version=%s head=%s", model.model_id, model.head_version,
@@ -100,6 +110,9 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None, 
             if loader is not None and not loader.done():
                 loader.cancel()
             await r2m_wiring.detach(state)  # stop the updater after its update in flight is on disk
+            if state.registry is not None:
+                await asyncio.gather(*(svc.scheduler.stop(drain_timeout=settings.grace_period_s)
+                                       for svc in state.registry.extra.values()))
             if state.service is not None:
                 await state.service.scheduler.stop(drain_timeout=settings.grace_period_s)
             await ops_redis.stop_redis(state)

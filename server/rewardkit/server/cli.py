@@ -18,7 +18,7 @@ _FLAGS = {  # CLI flag -> Settings field
     "redis_url": "redis_url", "api_keys_file": "api_keys_file", "state_dir": "state_dir",
     "reward_token_rule": "reward_token_rule", "grace_period_s": "grace_period_s",
     "abc_layer": "abc_layer", "abc_num_layers": "abc_num_layers", "served_model_name": "served_model_name",
-    "prefix_cache_mb": "prefix_cache_mb",
+    "prefix_cache_mb": "prefix_cache_mb", "component": "components", "default_rewards": "default_rewards",
 }
 
 
@@ -26,7 +26,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("serve", help="start the reward server", description=(
         "Start the reward server. Every flag also reads from REWARDKIT_<NAME> (e.g. REWARDKIT_MODEL). "
         "With no --model, serves the embedded SmolLM2-135M-Instruct reward model."))
-    p.add_argument("--model", help="HF sequence-classification dir, rewardkit checkpoint, .gguf file, or hub id")
+    p.add_argument("--model", action="append", metavar="[NAME=]PATH", help=(
+        "HF sequence-classification dir, rewardkit checkpoint, .gguf file, or hub id; give it again as NAME=PATH "
+        "to serve more reward models (requests pick one with `model`, or combine them with `rewards`)"))
+    p.add_argument("--component", action="append", metavar="NAME=KIND[:JSON]", help=(
+        "a reward component requests may combine with the models (repeatable): length_penalty, regex, "
+        "exact_match, numeric_match, e.g. concise=length_penalty:'{\"limit\": 400}' (docs/team.md)"))
+    p.add_argument("--default-rewards", metavar="NAME=W,...", help=(
+        "the composition the compatibility endpoints (/get_reward, /pooling, /classify, /v1/embeddings) return, "
+        "e.g. default=1,math=0.5 (default: the first --model alone)"))
     p.add_argument("--served-model-name", action="append", metavar="NAME",
                    help="another name clients may send as `model` (repeatable), e.g. the path a trainer is configured with")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -136,7 +144,26 @@ class SettingsError(ValueError):
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     """The Settings fields the flags set (the environment supplies the rest)."""
-    overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None}
+    overrides = {field: getattr(args, flag) for flag, field in _FLAGS.items()
+                 if flag != "model" and getattr(args, flag, None) is not None}
+    models = getattr(args, "model", None)
+    if isinstance(models, str):  # a parser that takes one --model
+        models = [models]
+    if models:
+        overrides["model"] = models[0]  # NAME=PATH is split by the settings
+        extra: dict[str, str] = {}
+        for spec in models[1:]:
+            from rewardkit.server.settings import split_model_spec
+
+            name, path = split_model_spec(spec)
+            if name is None:
+                raise SettingsError([f"--model {spec!r}: a second or later --model is NAME=PATH (the name requests "
+                                     "use in `model` and `rewards`)"])
+            if name in extra:
+                raise SettingsError([f"--model {spec!r}: the name {name!r} is given twice"])
+            extra[name] = path
+        if extra:
+            overrides["extra_models"] = extra
     if args.no_truncate:
         overrides["truncate"] = False
     if args.no_prefix_sharing:
@@ -157,7 +184,8 @@ def _preflight_ray(settings: Settings, local: bool) -> None:
         return
     from rewardkit.core.preflight import check_model_spec
 
-    check_model_spec(settings.model)
+    for path in (settings.model, *settings.extra_models.values()):
+        check_model_spec(path)
     _check_port(settings)
 
 
@@ -167,7 +195,8 @@ def preflight(settings: Settings) -> None:
     from rewardkit.core.preflight import check_device, check_model_spec
 
     check_device(settings.device)
-    check_model_spec(settings.model)
+    for path in (settings.model, *settings.extra_models.values()):
+        check_model_spec(path)
     _check_port(settings)
 
 

@@ -20,6 +20,7 @@ from rewardkit.server.errors import NotReady, Unauthorized
 from rewardkit.server.settings import Settings
 
 if TYPE_CHECKING:  # the state holds them; they do not import this module's state at run time
+    from rewardkit.server.compose.serving import ModelRegistry
     from rewardkit.server.metrics import Metrics
     from rewardkit.server.r2m.serving import R2MService
     from rewardkit.server.service import RewardService
@@ -35,6 +36,7 @@ class AppState:
     settings: Settings
     replica_id: str = ""  # this replica's name: the x-rewardkit-replica header, its name in Redis (create_app sets it)
     service: RewardService | None = None  # once the model is loaded
+    registry: ModelRegistry | None = None  # every served model by name, the components (rewardkit.server.compose)
     shutting_down: bool = False
     load_error: str | None = None
     on_fatal: Callable[[], None] | None = None  # set by `rewardkit serve`: stops the process when the model cannot load
@@ -92,6 +94,15 @@ def check_api_key(request: Request) -> None:
 
 async def get_service(request: Request) -> RewardService:
     return check_service(request)
+
+
+async def get_registry(request: Request) -> ModelRegistry:
+    """The served models and components (503 while loading, like :func:`get_service`)."""
+    check_service(request)
+    registry = app_state(request).registry
+    if registry is None:
+        raise NotReady("model is loading", retry_after=5.0)
+    return registry
 
 
 async def require_api_key(request: Request) -> None:

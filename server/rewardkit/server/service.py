@@ -118,22 +118,23 @@ class RewardService:
 
     def encode(self, items: Sequence[ScoreItem], truncate: bool | None = None, field: str = "items") -> list[EncodedItem]:
         self.check_items_count(len(items), field)
+        return [self.encode_one(i, item, truncate, field) for i, item in enumerate(items)]
+
+    def encode_one(self, i: int, item: ScoreItem, truncate: bool | None, field: str) -> EncodedItem:
+        """Check item ``i`` against the per-item limits and format it (errors name ``{field}[i]``)."""
         limit = self.settings.max_chars_per_item
-        out: list[EncodedItem] = []
-        for i, item in enumerate(items):
-            chars = sum(len(s) for s in (item.prompt, item.response, item.text) if s) + sum(
-                len(m.get("content", "")) for m in (item.messages or []))
-            if chars > limit:
-                raise PayloadTooLarge(f"{field}[{i}]: {chars} characters exceeds max_chars_per_item={limit}",
-                                      field=f"{field}[{i}]")
-            check_unicode(item, f"{field}[{i}]")
-            try:
-                out.append(self.formatter.encode(item, i, truncate=truncate))
-            except InputError as exc:
-                if field != "items" and exc.field and exc.field.startswith("items"):
-                    exc.field = field + exc.field[len("items"):]
-                raise
-        return out
+        chars = sum(len(s) for s in (item.prompt, item.response, item.text) if s) + sum(
+            len(m.get("content", "")) for m in (item.messages or []))
+        if chars > limit:
+            raise PayloadTooLarge(f"{field}[{i}]: {chars} characters exceeds max_chars_per_item={limit}",
+                                  field=f"{field}[{i}]")
+        check_unicode(item, f"{field}[{i}]")
+        try:
+            return self.formatter.encode(item, i, truncate=truncate)
+        except InputError as exc:
+            if field != "items" and exc.field and exc.field.startswith("items"):
+                exc.field = field + exc.field[len("items"):]
+            raise
 
     async def score_encoded(self, encs: Sequence[EncodedItem], dense: bool = False,
                             want_hidden: bool = False) -> list[ItemScore]:
@@ -164,6 +165,29 @@ class RewardService:
         t0 = time.monotonic()
         check_prefix(RUN.get(), RUN_PREFIX.get(), RUN_HEADER)
         encs = self.encode(items, truncate, field)
+        return await self._score_observed(encs, t0)
+
+    async def score_each(self, items: Sequence[ScoreItem], truncate: bool | None = None, field: str = "items"
+                         ) -> list[ScoredItem | str]:
+        """Like :meth:`score`, but an item this model cannot take (too long, bad text) gives its error message in
+        its place and the others are scored (a composed request reports errors per item). Overload still raises:
+        it is the whole request's."""
+        t0 = time.monotonic()
+        self.check_items_count(len(items), field)
+        out: list[ScoredItem | str] = []
+        good: list[EncodedItem] = []
+        for i, item in enumerate(items):
+            try:
+                enc = self.encode_one(i, item, truncate, field)
+            except (InputError, BadRequest, PayloadTooLarge) as exc:
+                out.append(exc.message)
+                continue
+            good.append(enc)
+            out.append("")
+        scored = iter(await self._score_observed(good, t0) if good else [])
+        return [next(scored) if o == "" else o for o in out]
+
+    async def _score_observed(self, encs: Sequence[EncodedItem], t0: float) -> list[ScoredItem]:
         scores = await self.score_cached(encs)
         if self.metrics is not None:
             self.metrics.observe_scores(self.rm.model_id, self.rm.head_version, encs, scores, time.monotonic() - t0)

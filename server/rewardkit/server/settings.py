@@ -5,13 +5,27 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
+
+MAX_WEIGHT = 1000.0  # largest |weight| of a composition's part
+
+
+def split_model_spec(value: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a value whose part before ``=`` is not a name (or that is an existing path)
+    is a plain path."""
+    import re
+
+    name, sep, path = value.partition("=")
+    if sep and path and re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name) and not Path(value).exists():
+        return name, path
+    return None, value
 
 
 class Settings(BaseSettings):
@@ -32,6 +46,19 @@ class Settings(BaseSettings):
         default_factory=list, description="extra names requests may send as `model` (comma-separated), as vLLM's "
         "--served-model-name; the model id, the --model path and `default` are always accepted")
     padding_side: Literal["left", "right"] = "right"
+    # several models and compositions (rewardkit.server.compose; docs/team.md "Several reward signals")
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description=(
+        "the name requests may use for --model in `model` and `rewards` (`default` always works); "
+        "--model NAME=PATH sets it"))
+    extra_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, description=(
+        "more reward models in this server, name -> path (a 2nd, 3rd --model NAME=PATH); each has its own "
+        "scheduler, all share the one torch thread; env: JSON or NAME=PATH,NAME=PATH"))
+    components: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "reward components, NAME=KIND[:JSON] (repeatable --component; kinds: length_penalty, regex, exact_match, "
+        "numeric_match; exact_match and numeric_match are always there); env: a JSON list"))
+    default_rewards: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict, description=(
+        "the composition compatibility endpoints (/get_reward, /pooling, /classify, ...) return: name -> weight "
+        "over models and components; empty: the --model alone; env: JSON or NAME=W,NAME=W"))
     # formatting
     max_length: int = Field(2048, ge=8, le=1_000_000, description="max tokens per item after formatting")
     truncate: bool = Field(True, description="truncate over-long items from the left (prompt first); off: 422")
@@ -136,19 +163,28 @@ class Settings(BaseSettings):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
-    @field_validator("run_weights", mode="before")
+    @field_validator("run_weights", "default_rewards", "extra_models", mode="before")
     @classmethod
-    def _parse_weights(cls, v: object) -> object:
+    def _parse_weights(cls, v: object, info: Any) -> object:
         if isinstance(v, str):
             if v.strip().startswith("{"):
                 return json.loads(v)
             out: dict[str, object] = {}
             for part in (p.strip() for p in v.split(",") if p.strip()):
-                prefix, sep, w = part.rpartition("=")
-                if not sep or not prefix:
-                    raise ValueError(f"run_weights: expected PREFIX=WEIGHT, got {part!r}")
-                out[prefix] = w
+                key, sep, w = (part.partition("=") if info.field_name == "extra_models" else part.rpartition("="))
+                if not sep or not key:
+                    what = "NAME=PATH" if info.field_name == "extra_models" else (
+                        "PREFIX=WEIGHT" if info.field_name == "run_weights" else "NAME=WEIGHT")
+                    raise ValueError(f"{info.field_name}: expected {what}, got {part!r}")
+                out[key] = w
             return out
+        return v
+
+    @field_validator("components", mode="before")
+    @classmethod
+    def _parse_components(cls, v: object) -> object:
+        if isinstance(v, str):
+            return json.loads(v) if v.strip().startswith("[") else [v] if v.strip() else []
         return v
 
     @field_validator("run_weights", mode="after")
@@ -187,10 +223,45 @@ class Settings(BaseSettings):
         for k in self.api_keys:
             if len(k.get_secret_value()) < 8:
                 raise ValueError("api keys must be at least 8 characters")
+        self._check_models()
         if self.max_batch_tokens < self.max_length:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_length ({self.max_length}) "
                              "or a single long item could never be scheduled")
         return self
+
+    def _check_models(self) -> None:
+        """``--model NAME=PATH``; names unique over models and components; default_rewards names what exists."""
+        from rewardkit.server.compose.components import NAME_RE, ConfigError, build_components
+
+        if self.model and self.model_name is None:
+            name, path = split_model_spec(self.model)
+            if name is not None:
+                self.model, self.model_name = path, name
+        for name, path in self.extra_models.items():
+            if not NAME_RE.match(name):
+                raise ValueError(f"extra_models: model name {name!r} must match {NAME_RE.pattern}")
+            if not path:
+                raise ValueError(f"extra_models[{name!r}]: empty path")
+        try:
+            comps = build_components(self.components)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        models = self.model_names_configured()
+        if len(set(models)) != len(models):
+            raise ValueError(f"model names must differ: {models}")
+        clash = sorted(set(models) & set(comps))
+        if clash:
+            raise ValueError(f"{clash}: a name is a model or a component, not both")
+        for name, w in self.default_rewards.items():
+            if name not in models and name not in comps:
+                raise ValueError(f"default_rewards: {name!r} is neither a model ({', '.join(models)}) nor a "
+                                 f"component ({', '.join(sorted(comps))})")
+            if not (math.isfinite(w) and abs(w) <= MAX_WEIGHT):
+                raise ValueError(f"default_rewards[{name!r}]: a weight is finite and within +-{MAX_WEIGHT:g}, got {w}")
+
+    def model_names_configured(self) -> list[str]:
+        """The names of the served models as configured: the first ``--model`` (``default`` and its name) first."""
+        return ["default", *([self.model_name] if self.model_name else []), *self.extra_models]
 
     def run_weight(self, run: str | None) -> float:
         """A run's share of the model: the weight of the longest ``run_weights`` prefix it starts with, else 1."""

@@ -12,6 +12,8 @@ EXPECTED_CLIENT = {
     "AsyncRewardClient",
     "RewardClient",
     "DenseReward",
+    "ComposedReward",
+    "ComponentInfo",
     "FeedbackStream",
     "HiddenStateCapture",
     "ModelInfo",

@@ -30,7 +30,7 @@ from rewardkit.client.errors import (
     parse_error,
 )
 from rewardkit.client.feedback import FeedbackStream, HiddenStateCapture
-from rewardkit.client.types import DenseReward, ModelInfo, Scores
+from rewardkit.client.types import ComponentInfo, ComposedReward, DenseReward, ModelInfo, Scores
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -38,6 +38,8 @@ __all__ = [
     "AsyncRewardClient",
     "AuthenticationError",
     "BadRequestError",
+    "ComponentInfo",
+    "ComposedReward",
     "DenseReward",
     "FeedbackStream",
     "HiddenStateCapture",

@@ -33,6 +33,8 @@ from rewardkit.client.errors import (
     parse_error,
 )
 from rewardkit.client.types import (
+    ComponentInfo,
+    ComposedReward,
     DenseReward,
     ModelInfo,
     Scores,
@@ -297,8 +299,41 @@ class _BaseRewardClient:
     @classmethod
     def _parse_scores(cls, data: Any, n: int) -> Scores:
         parsed = cls._parse_rewards_response(data, n)
-        return Scores([float(r) for r in parsed.rewards], model=parsed.model,
+        if any(r is None for r in parsed.rewards):
+            raise ResponseFormatError("/v1/rewards: a null reward in a single-model response")
+        return Scores([float(r) for r in parsed.rewards if r is not None], model=parsed.model,
                       head_versions=[parsed.head_version] * n)
+
+    @staticmethod
+    def _compose_items(items: list[Item], rewards: Mapping[str, float],
+                       references: Sequence[str | None] | None) -> dict[str, float]:
+        """Check a composition's weights and attach ``references`` to the items in place."""
+        if not isinstance(rewards, Mapping) or not rewards:
+            raise ValueError("rewards: give a non-empty {name: weight} dict (GET /v1/models lists the names)")
+        weights = {}
+        for name, w in rewards.items():
+            if not isinstance(name, str) or isinstance(w, bool) or not isinstance(w, int | float):
+                raise TypeError(f"rewards[{name!r}]: expected str -> number, got {type(w).__name__}")
+            weights[name] = float(w)
+        if references is not None:
+            refs = _as_list("references", references)
+            if len(refs) != len(items):
+                raise ValueError(f"references: {len(refs)} entries for {len(items)} items; give one per item")
+            for i, (item, ref) in enumerate(zip(items, refs, strict=True)):
+                if ref is not None and not isinstance(ref, str):
+                    raise TypeError(f"references[{i}]: expected str or None, got {type(ref).__name__}")
+                if ref is not None:
+                    item["reference"] = ref
+        return weights
+
+    @classmethod
+    def _parse_composed(cls, data: Any, n: int) -> list[ComposedReward]:
+        parsed = cls._parse_rewards_response(data, n)
+        if parsed.results is None:
+            raise ResponseFormatError("/v1/rewards: a composed response has no results")
+        return [ComposedReward(reward=None if r.reward is None else float(r.reward), components=dict(r.components or {}),
+                               errors=dict(r.errors or {}), weights=dict(parsed.weights or {}), num_tokens=r.num_tokens,
+                               model=parsed.model, head_version=parsed.head_version) for r in parsed.results]
 
     @classmethod
     def _parse_dense(cls, data: Any, chunk: list[Item]) -> list[DenseReward]:
@@ -328,6 +363,13 @@ class _BaseRewardClient:
                             model=parsed.model, head_version=parsed.head_version)
             )
         return out
+
+    @staticmethod
+    def _parse_components(data: Any) -> list[ComponentInfo]:
+        try:
+            return _ModelList.model_validate(data).components
+        except ValidationError as exc:
+            raise ResponseFormatError(f"/v1/models: unexpected response shape: {exc}") from exc
 
     @staticmethod
     def _parse_models(data: Any) -> list[ModelInfo]:
@@ -471,10 +513,13 @@ def _pair(i: int, j: int, p: Any) -> tuple[int, int]:
 
 
 def _check_item(i: int, item: Any) -> Item:
-    """Validate one item: exactly {prompt, response}, {messages} or {text} (+ response_token_spans)."""
+    """Validate one item: exactly {prompt, response}, {messages} or {text} (+ response_token_spans, reference)."""
     if not isinstance(item, Mapping):
         raise TypeError(f"items[{i}]: expected a dict, got {type(item).__name__}")
-    keys = set(item) - {"response_token_spans"}
+    ref = item.get("reference")
+    if ref is not None and not isinstance(ref, str):
+        raise TypeError(f"items[{i}].reference: expected str, got {type(ref).__name__}")
+    keys = set(item) - {"response_token_spans", "reference"}
     if keys == {"text"}:
         if not isinstance(item["text"], str):
             raise TypeError(f"items[{i}].text: expected str, got {type(item['text']).__name__}")

@@ -24,7 +24,7 @@ from rewardkit.client._base import (
 from rewardkit.client.errors import NotReadyError, TimeoutError
 from rewardkit.client.frames import encode_rewards_body
 from rewardkit.client.stream import FeedbackStream
-from rewardkit.client.types import DenseReward, ModelInfo, Scores
+from rewardkit.client.types import ComponentInfo, ComposedReward, DenseReward, ModelInfo, Scores
 
 __all__ = ["AsyncRewardClient", "RewardClient"]
 
@@ -146,6 +146,44 @@ class RewardClient(_BaseRewardClient):
             body = self._score_body(chunk, model, dense=True, beta=beta)
             out.extend(self._parse_dense(self._request("POST", "/v1/rewards", body, len(chunk)), chunk))
         return out
+
+    def compose(
+        self,
+        items: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        rewards: Mapping[str, float],
+        prompts: Sequence[str] | None = None,
+        responses: Sequence[str] | None = None,
+        messages: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+        texts: Sequence[str] | None = None,
+        references: Sequence[str | None] | None = None,
+    ) -> list[ComposedReward]:
+        """Several reward signals in one request: ``rewards={name: weight}`` over the server's models
+        (``default`` = its first) and components (``length_penalty``, ``regex``, ``exact_match``,
+        ``numeric_match``; :meth:`components` lists them). Each item's ``reward`` is the weighted sum, its parts
+        are in ``components``; an item a part cannot score has ``reward=None`` and the reason in ``errors``.
+
+        Args:
+            references: per item, the reference answer the match components compare with (or ``None``).
+
+        Example::
+
+            >>> c = rk.compose(prompts=["2+2?"], responses=["\\boxed{4}"], references=["4"],
+            ...                rewards={"default": 1.0, "numeric_match": 2.0})[0]
+            >>> c.components["numeric_match"]
+            1.0
+        """
+        all_items = self._build_items(items, prompts, responses, messages, texts)
+        weights = self._compose_items(all_items, rewards, references)
+        out: list[ComposedReward] = []
+        for chunk in self._chunks(all_items):
+            data = self._request("POST", "/v1/rewards", {"items": chunk, "rewards": weights}, len(chunk))
+            out.extend(self._parse_composed(data, len(chunk)))
+        return out
+
+    def components(self) -> list[ComponentInfo]:
+        """The reward components the server offers for :meth:`compose` (``GET /v1/models``)."""
+        return self._parse_components(self._request("GET", "/v1/models"))
 
     def models(self) -> list[ModelInfo]:
         """The models the server serves (``GET /v1/models``)."""
@@ -318,6 +356,32 @@ class AsyncRewardClient(_BaseRewardClient):
 
         parts = await self._map_bounded(one, self._chunks(all_items))
         return [d for part in parts for d in part]
+
+    async def compose(
+        self,
+        items: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        rewards: Mapping[str, float],
+        prompts: Sequence[str] | None = None,
+        responses: Sequence[str] | None = None,
+        messages: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+        texts: Sequence[str] | None = None,
+        references: Sequence[str | None] | None = None,
+    ) -> list[ComposedReward]:
+        """Weighted sum of models and components per item, with the parts (see :meth:`RewardClient.compose`)."""
+        all_items = self._build_items(items, prompts, responses, messages, texts)
+        weights = self._compose_items(all_items, rewards, references)
+
+        async def one(chunk: list[Item]) -> list[ComposedReward]:
+            data = await self._request("POST", "/v1/rewards", {"items": chunk, "rewards": weights}, len(chunk))
+            return self._parse_composed(data, len(chunk))
+
+        parts = await self._map_bounded(one, self._chunks(all_items))
+        return [c for part in parts for c in part]
+
+    async def components(self) -> list[ComponentInfo]:
+        """The reward components the server offers (see :meth:`RewardClient.components`)."""
+        return self._parse_components(await self._request("GET", "/v1/models"))
 
     async def models(self) -> list[ModelInfo]:
         """The models the server serves (``GET /v1/models``)."""

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from rewardkit.client.errors import ResponseFormatError
 
-__all__ = ["DenseReward", "ModelInfo", "Scores"]
+__all__ = ["ComponentInfo", "ComposedReward", "DenseReward", "ModelInfo", "Scores"]
 
 
 @dataclass(eq=False)
@@ -47,6 +47,35 @@ class DenseReward:
 
     def __len__(self) -> int:
         return int(self.token_rewards.shape[0])
+
+
+@dataclass
+class ComposedReward:
+    """One item's reward from a composition (``rewards={name: weight}``): the weighted sum and its parts.
+
+    Attributes:
+        reward: ``sum(weight * part)``, or ``None`` when a part could not score this item (see ``errors``).
+        components: each part's unweighted value (``None`` for a part with an error).
+        errors: part name -> why it could not score this item (empty when all parts scored).
+        weights: the weights the server summed with.
+        num_tokens: tokens the models read for this item (summed over the models).
+        model, head_version: ``composite`` and each model's ``name:version``.
+
+    Example::
+
+        >>> c = rk.compose(prompts=["2+2?"], responses=["4"], references=["4"],
+        ...                rewards={"default": 1.0, "numeric_match": 2.0})[0]
+        >>> c.reward == c.components["default"] + 2.0 * c.components["numeric_match"]
+        True
+    """
+
+    reward: float | None
+    components: dict[str, float | None]
+    errors: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    num_tokens: int | None = None
+    model: str | None = None
+    head_version: str | None = None
 
 
 class Scores(list[float]):
@@ -97,12 +126,27 @@ class ModelInfo(BaseModel):
     readout: str | None = None
     readout_layer: int | None = None
     ll_weight: float | None = None
+    name: str | None = None  # the name `model` and `rewards` use (a server that serves one model: "default")
+
+
+class ComponentInfo(BaseModel):
+    """A reward component of ``GET /v1/models`` (``components``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kind: str
+    description: str | None = None
+    needs_reference: bool = False
+    config: dict[str, Any] = {}
 
 
 class _ModelList(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     data: list[ModelInfo]
+    components: list[ComponentInfo] = []
+    default_rewards: dict[str, float] = {}
 
 
 class _DenseResult(BaseModel):
@@ -119,10 +163,12 @@ class _RewardResult(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     index: int
-    reward: float
+    reward: float | None
     num_tokens: int | None = None
     truncated: bool = False
     dense: _DenseResult | None = None
+    components: dict[str, float | None] | None = None
+    errors: dict[str, str] | None = None
 
 
 class _RewardsResponse(BaseModel):
@@ -130,7 +176,8 @@ class _RewardsResponse(BaseModel):
 
     model: str | None = None
     head_version: str | None = None
-    rewards: list[float]
+    rewards: list[float | None]
+    weights: dict[str, float] | None = None
     results: list[_RewardResult] | None = None
     usage: dict[str, Any] | None = None
 

@@ -8,12 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from rewardkit.server.deps import get_service, require_api_key
+from rewardkit.server.compose.serving import ModelRegistry
+from rewardkit.server.deps import get_registry, require_api_key
 from rewardkit.server.errors import NotReady
 from rewardkit.server.native import serving
 from rewardkit.server.native.protocol import ModelList, RewardRequest, RewardResponse
 from rewardkit.server.protocol import ERRORS, Status, error_responses
-from rewardkit.server.service import RewardService
 
 router = APIRouter(responses=ERRORS)
 
@@ -21,19 +21,20 @@ router = APIRouter(responses=ERRORS)
 open_router = APIRouter()
 
 
-Service = Annotated[RewardService, Depends(get_service)]
+Registry = Annotated[ModelRegistry, Depends(get_registry)]
 
 
 @router.post("/v1/rewards", response_model=RewardResponse, dependencies=[Depends(require_api_key)])
-async def rewards(req: RewardRequest, service: Service, response: Response) -> RewardResponse:
-    """Score items; with ``dense: true`` also return ABC token-level reward vectors."""
-    return await serving.rewards(service, req, response)
+async def rewards(req: RewardRequest, registry: Registry, response: Response) -> RewardResponse:
+    """Score items with one model, or compose models and components (``rewards``); with ``dense: true`` also
+    return ABC token-level reward vectors."""
+    return await serving.rewards(registry, req, response)
 
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
-async def models(service: Service) -> ModelList:
-    """The served model: id, head version, whether the head is trained, what it scores."""
-    return serving.model_list(service)
+async def models(registry: Registry) -> ModelList:
+    """The served models (id, name, head version, trained or not, what each scores) and the components."""
+    return serving.model_list(registry)
 
 
 @open_router.get("/health", response_model=Status)

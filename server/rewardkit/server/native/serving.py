@@ -10,7 +10,9 @@ from fastapi import Response
 from rewardkit.core.abc import project_to_spans
 from rewardkit.core.formatting import ScoreItem
 from rewardkit.server.errors import BadRequest
+from rewardkit.server.compose.serving import ModelRegistry
 from rewardkit.server.native.protocol import (
+    ComponentCard,
     DenseReward,
     ItemResult,
     ModelCard,
@@ -23,11 +25,14 @@ from rewardkit.server.runs import RUN, RunTag
 from rewardkit.server.service import RewardService, encode_vector, set_score_headers, to_score_item
 
 
-async def rewards(service: RewardService, req: RewardRequest, response: Response) -> RewardResponse:
-    """Score items; with ``dense: true`` also return ABC token-level reward vectors."""
-    service.check_model(req.model)
+async def rewards(registry: ModelRegistry, req: RewardRequest, response: Response) -> RewardResponse:
+    """Score items with one model (``model``, default the first), or compose models and components (``rewards``);
+    with ``dense: true`` also return ABC token-level reward vectors."""
     use_run(req.run_id, req.step)
     items = [to_score_item(it) for it in req.items]
+    if req.rewards is not None:
+        return await composed(registry, req, items, response)
+    service = registry.pick(req.model)
     if req.dense:
         results = await score_dense(service, req, items)
     else:
@@ -37,6 +42,22 @@ async def rewards(service: RewardService, req: RewardRequest, response: Response
     set_score_headers(response, service)
     return RewardResponse(model=service.rm.model_id, head_version=service.head_version,
                           rewards=[r.reward for r in results], results=results,
+                          usage=Usage(total_tokens=sum(r.num_tokens for r in results)))
+
+
+async def composed(registry: ModelRegistry, req: RewardRequest, items: Sequence[ScoreItem],
+                   response: Response) -> RewardResponse:
+    """``rewards: {name: weight}``: the weighted sum per item, each part's value, errors per item and part."""
+    assert req.rewards is not None
+    parts = registry.resolve(req.rewards)
+    done = await registry.compose(parts, items, [it.reference for it in req.items], req.truncate)
+    results = [ItemResult(index=i, reward=c.reward, num_tokens=c.num_tokens, truncated=c.truncated,
+                          components=c.components, errors=c.errors or None) for i, c in enumerate(done)]
+    model, version = registry.label(parts)
+    response.headers["x-rewardkit-model"] = model
+    response.headers["x-rewardkit-head-version"] = version
+    return RewardResponse(model=model, head_version=version, rewards=[r.reward for r in results], results=results,
+                          weights={p.name: p.weight for p in parts},
                           usage=Usage(total_tokens=sum(r.num_tokens for r in results)))
 
 
@@ -72,14 +93,23 @@ def use_run(run_id: str | None, step: int | None) -> None:
     RUN.set(RunTag(run_id, step if step is not None else (tag.step if tag and tag.run_id == run_id else None)))
 
 
-def model_list(service: RewardService) -> ModelList:
-    """The served model's card: id, head version, trained or not, what it scores, limits and normalisation."""
+def model_list(registry: ModelRegistry) -> ModelList:
+    """Every served model's card (the first is the default), the components, the compatibility default."""
+    return ModelList(data=[model_card(name, svc) for name, svc in registry.services()],
+                     components=[ComponentCard(name=c.name, kind=c.kind, description=c.describe(),
+                                               needs_reference=c.needs_reference, config=c.config())
+                                 for c in registry.components.values()],
+                     default_rewards=registry.default_rewards)
+
+
+def model_card(name: str, service: RewardService) -> ModelCard:
+    """One model's card: id, head version, trained or not, what it scores, limits and normalisation."""
     rm = service.rm
     desc = rm.meta.description or ("trained reward model" if rm.meta.trained else "")
     if not rm.meta.trained:
         desc = "UNTRAINED reward head: " + desc
-    return ModelList(data=[ModelCard(
+    return ModelCard(
         id=rm.model_id, head_version=service.head_version, trained=rm.meta.trained, description=desc,
         max_length=service.settings.max_length, dtype=str(rm.dtype).replace("torch.", ""), device=str(rm.device),
         reward_token_rule=rm.meta.reward_token_rule, norm_mean=rm.meta.norm_mean, norm_std=rm.meta.norm_std,
-        readout=rm.meta.readout, readout_layer=rm.meta.readout_layer, ll_weight=rm.meta.ll_weight)])
+        readout=rm.meta.readout, readout_layer=rm.meta.readout_layer, ll_weight=rm.meta.ll_weight, name=name)

@@ -5,14 +5,27 @@ from __future__ import annotations
 
 from fastapi import Response
 
+from typing import Any
+
 from rewardkit.core.formatting import ScoreItem
+from rewardkit.server.compose.serving import ModelRegistry
 from rewardkit.server.errors import BadRequest
 from rewardkit.server.openrlhf.protocol import GetRewardRequest, GetRewardResponse
-from rewardkit.server.service import RewardService, set_score_headers
+from rewardkit.server.service import set_score_headers
 
 
-async def get_reward(service: RewardService, req: GetRewardRequest, response: Response) -> GetRewardResponse:
-    """OpenRLHF's remote reward-model protocol: one reward per query text."""
+def as_reference(label: Any) -> str | None:
+    """An OpenRLHF label as a match component's reference: strings and numbers; anything else is no reference."""
+    if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+        return None
+    return str(label)
+
+
+async def get_reward(registry: ModelRegistry, req: GetRewardRequest, response: Response) -> GetRewardResponse:
+    """OpenRLHF's remote reward-model protocol: one reward per query text. With the server's ``default_rewards``
+    the reward is that composition (``labels`` are the match components' references) and ``extra_logs`` carries
+    each part."""
+    service = registry.primary
     if req.prompts is not None and len(req.prompts) != len(req.query):
         raise BadRequest(f"prompts has {len(req.prompts)} entries but query has {len(req.query)}", field="prompts")
     if not req.query:  # an empty shard from OpenRLHF's multi-URL split: nothing to score
@@ -26,7 +39,8 @@ async def get_reward(service: RewardService, req: GetRewardRequest, response: Re
         if req.prompts is not None and q.startswith(req.prompts[i]):
             start = len(req.prompts[i])
         items.append(ScoreItem(text=q, response_start=start))
-    scored = await service.score(items, field="query")
-    set_score_headers(response, service)
-    rewards = [s.score.reward for s in scored]
-    return GetRewardResponse(rewards=rewards, scores=rewards, extra_logs={"rm_score": rewards})
+    refs = [as_reference(lab) for lab in req.labels] if req.labels is not None else None
+    done = await registry.compat_rewards(None, items, refs, None, "query")
+    registry.set_headers(response, done)
+    return GetRewardResponse(rewards=done.rewards, scores=done.rewards,
+                             extra_logs={"rm_score": done.rewards, **done.components})

@@ -12,6 +12,8 @@ from typing import Any
 from fastapi import Request, Response
 
 from rewardkit.core.formatting import ScoreItem
+from rewardkit.server.compose.serving import ModelRegistry
+from rewardkit.server.errors import BadRequest
 from rewardkit.server.service import RewardService, set_score_headers
 from rewardkit.server.vllm.protocol import (
     ClassifyData,
@@ -46,47 +48,51 @@ async def token_classify(service: RewardService, items: Sequence[ScoreItem], bet
     return data, sum(s.num_tokens for _, s, _, _ in done)
 
 
-async def pooling(service: RewardService, req: PoolingRequest, request: Request, response: Response) -> PoolingResponse:
+async def pooling(registry: ModelRegistry, req: PoolingRequest, request: Request,
+                  response: Response) -> PoolingResponse:
     """vLLM pooling API. ``classify``/``reward``: ``data = [score]`` (raw unless ``use_activation``);
-    ``token_classify``: ABC per-token rewards."""
-    service.check_model(req.model)
+    ``token_classify``: ABC per-token rewards (one model: not with a default composition)."""
     sigmoid = req.use_sigmoid(default=False)
     items = req.items()
     if req.task == "token_classify":
-        data, ntok = await token_classify(service, items, req.beta)
+        target = registry.compat_parts(req.model)
+        if not isinstance(target, RewardService):
+            raise BadRequest("task: token_classify (ABC dense rewards) comes from one model, and this server's "
+                             "default is a composition (default_rewards); name a model in `model`", field="task")
+        data, ntok = await token_classify(target, items, req.beta)
+        set_score_headers(response, target)
+        model = target.rm.model_id
     else:
-        scored = await service.score(items, truncate=req.truncate(), field="input")
-        data = [[_act(s.score.reward, sigmoid)] for s in scored]
-        ntok = sum(s.score.num_tokens for s in scored)
-    set_score_headers(response, service)
+        done = await registry.compat_rewards(req.model, items, None, req.truncate(), "input")
+        data = [[_act(r, sigmoid)] for r in done.rewards]
+        ntok = done.num_tokens
+        model = registry.set_headers(response, done)
     return PoolingResponse(id=_echo_id(response, req.response_id("pool", request)), created=int(time.time()),
-                           model=service.rm.model_id, data=[PoolingData(index=i, data=d) for i, d in enumerate(data)],
+                           model=model, data=[PoolingData(index=i, data=d) for i, d in enumerate(data)],
                            usage=PoolingUsage(prompt_tokens=ntok, total_tokens=ntok))
 
 
-async def classify(service: RewardService, req: ClassifyRequest, request: Request, response: Response) -> ClassifyResponse:
+async def classify(registry: ModelRegistry, req: ClassifyRequest, request: Request,
+                   response: Response) -> ClassifyResponse:
     """vLLM classify API; with one label the probability is sigmoid(score) (vLLM's default), or the raw score with
     ``use_activation: false`` (or the older ``activation: false``)."""
-    service.check_model(req.model)
     sigmoid = req.use_sigmoid(default=True)
-    scored = await service.score(req.items(), truncate=req.truncate(), field="input")
-    data = [ClassifyData(index=i, label="LABEL_0", probs=[_act(s.score.reward, sigmoid)], num_classes=1)
-            for i, s in enumerate(scored)]
-    ntok = sum(s.score.num_tokens for s in scored)
-    set_score_headers(response, service)
+    done = await registry.compat_rewards(req.model, req.items(), None, req.truncate(), "input")
+    data = [ClassifyData(index=i, label="LABEL_0", probs=[_act(r, sigmoid)], num_classes=1)
+            for i, r in enumerate(done.rewards)]
+    ntok = done.num_tokens
+    model = registry.set_headers(response, done)
     return ClassifyResponse(id=_echo_id(response, req.response_id("classify", request)), created=int(time.time()),
-                            model=service.rm.model_id, data=data, usage=PoolingUsage(prompt_tokens=ntok,
-                                                                                     total_tokens=ntok))
+                            model=model, data=data, usage=PoolingUsage(prompt_tokens=ntok, total_tokens=ntok))
 
 
-async def embeddings(service: RewardService, req: EmbeddingsRequest, request: Request,
+async def embeddings(registry: ModelRegistry, req: EmbeddingsRequest, request: Request,
                      response: Response) -> EmbeddingsResponse:
     """SGLang-compatible reward endpoint: ``data[i].embedding == [raw score]`` (read ``embedding[-1]``)."""
-    service.check_model(req.model)
-    scored = await service.score(req.items(), truncate=req.truncate(), field="input")
-    ntok = sum(s.score.num_tokens for s in scored)
-    set_score_headers(response, service)
+    done = await registry.compat_rewards(req.model, req.items(), None, req.truncate(), "input")
+    ntok = done.num_tokens
+    model = registry.set_headers(response, done)
     return EmbeddingsResponse(id=_echo_id(response, req.response_id("embd", request)), created=int(time.time()),
-                              model=service.rm.model_id,
-                              data=[EmbeddingData(index=i, embedding=[s.score.reward]) for i, s in enumerate(scored)],
+                              model=model,
+                              data=[EmbeddingData(index=i, embedding=[r]) for i, r in enumerate(done.rewards)],
                               usage=PoolingUsage(prompt_tokens=ntok, total_tokens=ntok))
