@@ -41,6 +41,20 @@ from rewardkit.server.vllm import router as vllm
 
 log = logging.getLogger(__name__)
 
+async def load_extra_models(state: AppState, settings: Settings) -> dict[str, RewardService]:
+    """The 2nd, 3rd ``--model NAME=PATH``: one service (scheduler) each, on the one torch thread. Drift, the Redis
+    score cache and R2M stay with the first model."""
+    extra = {}
+    for name, path in settings.extra_models.items():
+        xrm = await torch_thread.run(
+            load_reward_model, path, device=settings.device, dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
+        extra[name] = build_service(state, xrm, settings.model_copy(update={
+            "drift_enabled": False, "model": path, "served_model_name": []}))
+        log.info("loaded model name=%s id=%s path=%s", name, xrm.model_id, path)
+    return extra
+
+
 def build_service(state: AppState, rm: RewardModel, settings: Settings | None = None) -> RewardService:
     service = RewardService(settings or state.settings, rm, metrics=state.metrics)
     service.scheduler.start()
@@ -65,14 +79,7 @@ def create_app(settings: Settings | None = None, rm: RewardModel | None = None, 
             model = rm if rm is not None else await torch_thread.run(  # the thread that will run the forwards
                 load_reward_model, settings.model, device=settings.device, dtype=settings.dtype,
                 trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
-            extra = {}
-            for name, path in settings.extra_models.items():  # more models: one service (scheduler) each
-                xrm = await torch_thread.run(
-                    load_reward_model, path, device=settings.device, dtype=settings.dtype,
-                    trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
-                extra[name] = build_service(state, xrm, settings.model_copy(update={
-                    "drift_enabled": False, "model": path, "served_model_name": []}))
-                log.info("loaded model name=%s id=%s path=%s", name, xrm.model_id, path)
+            extra = await load_extra_models(state, settings)
             state.service = build_service(state, model)
             state.registry = ModelRegistry(settings, state.service, extra)
             await ops_redis.attach_service(state)  # Redis score cache + latest published head, when configured

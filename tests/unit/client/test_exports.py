@@ -63,7 +63,7 @@ def test_errors_all_matches_client_errors() -> None:
 def test_adapters_and_types_all() -> None:
     assert set(adapters.__all__) == EXPECTED_ADAPTERS
     assert all(callable(getattr(adapters, n)) for n in adapters.__all__)
-    assert set(types.__all__) == {"DenseReward", "ModelInfo", "Scores"}
+    assert set(types.__all__) == {"ComponentInfo", "ComposedReward", "DenseReward", "ModelInfo", "Scores"}
 
 
 def test_import_pulls_no_torch_server_or_core() -> None:

@@ -1,0 +1,63 @@
+"""Issue 24 part 3 over HTTP: one real server process serves two tiny reward models (``--model`` twice) and a
+verifier; the client composes them in one request, and OpenRLHF's /get_reward returns the server's default
+composition with its parts in ``extra_logs``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rewardkit.client import RewardClient
+from tests.helpers import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_models_and_a_verifier_in_one_request(tiny_llama_dir: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    args = ("--model", f"gpt2={tiny_gpt2_dir}", "--max-length", "64",
+            "--component", 'concise=length_penalty:{"limit": 8}',
+            "--default-rewards", "llama=1,numeric_match=2")
+    with ServerProcess(f"llama={tiny_llama_dir}", tmp_path, *args) as srv, RewardClient(srv.url) as rk:
+        models = rk.models()
+        assert [m.name for m in models] == ["llama", "gpt2"]
+        assert {c.name for c in rk.components()} == {"concise", "exact_match", "numeric_match"}
+        prompts, responses = ["7*8?", "7*8?", "7*8?"], ["\\boxed{56}", "about 54, I would say", "56"]
+        weights = {"llama": 1.0, "gpt2": 0.5, "numeric_match": 2.0, "concise": 1.0}
+        out = rk.compose(prompts=prompts, responses=responses, references=["56", "56", None], rewards=weights)
+        solo = {m: rk.score(prompts=prompts, responses=responses, model=m) for m in ("llama", "gpt2")}
+        for i, c in enumerate(out):
+            assert c.components["llama"] == pytest.approx(solo["llama"][i], abs=1e-5)
+            assert c.components["gpt2"] == pytest.approx(solo["gpt2"][i], abs=1e-5)
+        assert out[0].components["numeric_match"] == 1.0 and out[1].components["numeric_match"] == 0.0
+        for c in out[:2]:
+            assert c.errors == {} and c.reward == pytest.approx(
+                sum(w * c.components[n] for n, w in weights.items()), abs=1e-5)
+        assert out[1].components["concise"] == pytest.approx(-1.0)
+        # no reference for the third: its reward is null, the reason named, the models' parts still there
+        assert out[2].reward is None and set(out[2].errors) == {"numeric_match"}
+        assert out[2].components["llama"] == pytest.approx(solo["llama"][2], abs=1e-5)
+        assert out[0].model == "composite" and "gpt2:" in (out[0].head_version or "")
+        # OpenRLHF: the default composition, labels as references, each part in extra_logs
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+        r = httpx.post(srv.url + "/get_reward", json={"query": texts, "prompts": prompts, "labels": ["56", "56", "56"]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["extra_logs"]["numeric_match"] == [1.0, 0.0, 1.0]
+        for i in range(3):
+            assert body["rewards"][i] == pytest.approx(
+                body["extra_logs"]["llama"][i] + 2.0 * body["extra_logs"]["numeric_match"][i], abs=1e-5)
+        assert r.headers["x-rewardkit-model"] == "composite"
+        # a bad composition is a 4xx naming the entry
+        r = httpx.post(srv.url + "/v1/rewards", json={"items": [{"text": "a"}], "rewards": {"nosuch": 1}})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "rewards.nosuch"
+
+
+def test_a_second_model_needs_a_name(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "rewardkit.cli", "serve", "--model", str(tiny_llama_dir), "--model",
+                        str(tiny_llama_dir)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "NAME=PATH" in p.stderr
