@@ -44,8 +44,12 @@ def test_the_doc_parser_finds_the_examples() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with ServerProcess(tiny_llama_dir, tmp_path_factory.mktemp("docs")) as srv:
+def server(tiny_llama_dir: Path, tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[ServerProcess]:
+    """Served as docs/team.md's composition example is: two models by name and its components."""
+    args = ("--model", f"math={tiny_gpt2_dir}", "--component", 'concise=length_penalty:{"limit": 800}',
+            "--component", 'think=regex:{"pattern": "<think>.*</think>", "flags": "s"}')
+    with ServerProcess(f"helpful={tiny_llama_dir}", tmp_path_factory.mktemp("docs"), *args) as srv:
         yield srv
 
 
