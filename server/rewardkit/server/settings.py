@@ -20,10 +20,10 @@ MAX_WEIGHT = 1000.0  # largest |weight| of a composition's part
 def split_model_spec(value: str) -> tuple[str | None, str]:
     """``NAME=PATH`` -> (NAME, PATH); a value whose part before ``=`` is not a name (or that is an existing path)
     is a plain path."""
-    import re
+    from rewardkit.server.compose.components import NAME_RE
 
     name, sep, path = value.partition("=")
-    if sep and path and re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name) and not Path(value).exists():
+    if sep and path and NAME_RE.match(name) and not Path(value).exists():
         return name, path
     return None, value
 

@@ -176,3 +176,19 @@ def test_a_checkpoint_with_a_bad_rewardkit_json_names_the_field(tmp_path: Path) 
         r = _serve("--model", str(d), "--port", str(free_port()))
         assert r.returncode == 1 and message in r.stderr, r.stderr[-500:]
         assert "TypeError" not in r.stderr
+
+
+def test_several_models_components_and_default_rewards_reach_settings() -> None:
+    s = settings_from_args(_args(["--model", "a=/m/a", "--model", "b=/m/b", "--model", "c=/m/c",
+                                 "--component", 'short=length_penalty:{"limit": 5}',
+                                 "--default-rewards", "a=1,short=0.5"]))
+    assert (s.model, s.model_name) == ("/m/a", "a")
+    assert s.extra_models == {"b": "/m/b", "c": "/m/c"}
+    assert s.components == ['short=length_penalty:{"limit": 5}']
+    assert s.default_rewards == {"a": 1.0, "short": 0.5}
+    from rewardkit.server.cli import SettingsError
+
+    with pytest.raises(SettingsError, match="given twice"):
+        settings_from_args(_args(["--model", "/m/a", "--model", "b=/m/b", "--model", "b=/m/c"]))
+    with pytest.raises(SettingsError, match="default_rewards"):
+        settings_from_args(_args(["--model", "/m/a", "--default-rewards", "nosuch=1"]))

@@ -100,7 +100,7 @@ def test_run_bookkeeping_stays_bounded(monkeypatch) -> None:  # type: ignore[no-
 
     monkeypatch.setattr(sched, "ACTIVE_S", 0.0)
     for cap in (0, 4):
-        async def main() -> Scheduler[str, str]:
+        async def main(cap: int = cap) -> Scheduler[str, str]:
             s: Scheduler[str, str] = Scheduler(lambda xs: xs, max_batch_tokens=10_000, max_batch_size=8,
                                                max_wait_s=0.0, max_queue_items=10_000, fair_batch_size=cap)
             s.start()

@@ -9,8 +9,8 @@ from fastapi import Response
 
 from rewardkit.core.abc import project_to_spans
 from rewardkit.core.formatting import ScoreItem
-from rewardkit.server.errors import BadRequest
 from rewardkit.server.compose.serving import ModelRegistry
+from rewardkit.server.errors import BadRequest
 from rewardkit.server.native.protocol import (
     ComponentCard,
     DenseReward,

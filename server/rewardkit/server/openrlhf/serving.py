@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from fastapi import Response
-
 from typing import Any
+
+from fastapi import Response
 
 from rewardkit.core.formatting import ScoreItem
 from rewardkit.server.compose.serving import ModelRegistry
