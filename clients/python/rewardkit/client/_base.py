@@ -365,18 +365,19 @@ class _BaseRewardClient:
         return out
 
     @staticmethod
-    def _parse_components(data: Any) -> list[ComponentInfo]:
+    def _parse_model_list(data: Any) -> _ModelList:
         try:
-            return _ModelList.model_validate(data).components
+            return _ModelList.model_validate(data)
         except ValidationError as exc:
             raise ResponseFormatError(f"/v1/models: unexpected response shape: {exc}") from exc
 
-    @staticmethod
-    def _parse_models(data: Any) -> list[ModelInfo]:
-        try:
-            return _ModelList.model_validate(data).data
-        except ValidationError as exc:
-            raise ResponseFormatError(f"/v1/models: unexpected response shape: {exc}") from exc
+    @classmethod
+    def _parse_components(cls, data: Any) -> list[ComponentInfo]:
+        return cls._parse_model_list(data).components
+
+    @classmethod
+    def _parse_models(cls, data: Any) -> list[ModelInfo]:
+        return cls._parse_model_list(data).data
 
     # ------------------------------------------------------------------ endpoints
     def _acquire(self, weight: int) -> _Endpoint:

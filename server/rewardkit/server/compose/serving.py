@@ -56,6 +56,8 @@ class ModelRegistry:
         self.extra = dict(extra)
         self.components = build_components(settings.components)
         self.default_rewards = dict(settings.default_rewards)
+        # resolved once: the settings checked the names, and the served models do not change
+        self.default_parts = self.resolve(self.default_rewards, "default_rewards") if self.default_rewards else []
 
     # -- names ------------------------------------------------------------------------------------------------
     def services(self) -> list[tuple[str, RewardService]]:
@@ -156,8 +158,8 @@ class ModelRegistry:
         """What a compatibility endpoint scores with: the configured default composition, unless ``model`` names a
         model other than the primary (then that model alone)."""
         svc = self.pick(model, field)
-        if self.default_rewards and svc is self.primary:
-            return self.resolve(self.default_rewards, "default_rewards")
+        if self.default_parts and svc is self.primary:
+            return self.default_parts
         return svc
 
     async def compat_rewards(self, model: str | None, items: Sequence[ScoreItem], references: Sequence[str | None]
@@ -186,7 +188,7 @@ class ModelRegistry:
         if done.service is not None:
             set_score_headers(response, done.service)
             return done.service.rm.model_id
-        model, version = self.label(self.resolve(self.default_rewards, "default_rewards"))
+        model, version = self.label(self.default_parts)
         response.headers["x-rewardkit-model"] = model
         response.headers["x-rewardkit-head-version"] = version
         return model
