@@ -6,7 +6,8 @@ queueing) and, as the baseline in the same run, with the same traffic unnamed (o
     .venv/bin/python bench/bench_fairness.py --models tiny      # ~1 min
 
 Each request is one item on ``POST /v1/rewards`` with the run in ``x-rewardkit-run`` (as the client sends it). The
-flood runs until the small run's requests are all answered. Phases, on one server process: small alone; small +
+flood runs until the small run's requests are all answered; with ``--flood-process`` it is sent from its own client
+process, as another trainer would send it (on 2 cores that process is then short of CPU and floods less). Phases, on one server process: small alone; small +
 flood with both runs named (fair); small + flood unnamed (FIFO). Each phase is repeated ``--repeats`` times,
 interleaved, and the medians are reported. Writes bench/results/fairness.json.
 """
@@ -34,6 +35,68 @@ def texts(n: int, words: int, seed: int) -> list[str]:
 
     rng = random.Random(seed)
     return [f"Answer {seed}-{i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) for i in range(n)]
+
+
+def _flood_process(url: str, flood: list[str], named: bool, conc: int, stop: Any, count: Any) -> None:
+    """The flooding run, in its own process (another trainer): ``conc`` requests in flight until ``stop`` is set."""
+
+    async def main() -> None:
+        async def worker(client: httpx.AsyncClient, k: int) -> None:
+            i = k
+            while not stop.is_set():
+                t = flood[i % len(flood)]
+                i += conc
+                r = await client.post(url + "/v1/rewards", json={"items": [{"text": t}]},
+                                      headers={"x-rewardkit-run": "flood-run"} if named else {})
+                r.raise_for_status()
+                with count.get_lock():
+                    count.value += 1
+
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=conc + 4)) as client:
+            await asyncio.gather(*(worker(client, k) for k in range(conc)))
+
+    asyncio.run(main())
+
+
+async def run_load_process(url: str, small: list[str], flood: list[str] | None, named: bool, small_conc: int,
+                   flood_conc: int) -> dict[str, Any]:
+    """Send ``small`` at ``small_conc`` in flight (and ``flood`` at ``flood_conc``, from another process, until the
+    small run is done). Each run is its own client process, as two trainers are: the small run's latency then does
+    not include the flood's client-side work."""
+    import multiprocessing as mp
+
+    lat: list[float] = []
+    ctx = mp.get_context("spawn")
+    stop, count = ctx.Event(), ctx.Value("l", 0)
+    proc = None
+    if flood:
+        proc = ctx.Process(target=_flood_process, args=(url, flood, named, flood_conc, stop, count), daemon=True)
+        proc.start()
+        await asyncio.sleep(3.0)  # the process starts and the flood's queue is full before the small run starts
+
+    async def small_worker(client: httpx.AsyncClient, queue: list[str]) -> None:
+        while queue:
+            t = queue.pop()
+            t0 = time.perf_counter()
+            r = await client.post(url + "/v1/rewards", json={"items": [{"text": t}]},
+                                  headers={"x-rewardkit-run": "small-run"} if named else {})
+            r.raise_for_status()
+            lat.append(time.perf_counter() - t0)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=small_conc + 4)) as client:
+        queue = list(small)
+        n0 = count.value
+        t0 = time.perf_counter()
+        await asyncio.gather(*(small_worker(client, queue) for _ in range(small_conc)))
+        wall = time.perf_counter() - t0
+        flood_n = count.value - n0
+    if proc is not None:
+        stop.set()
+        proc.join(120)
+    lat.sort()
+    return {"small_p50_ms": 1000 * statistics.median(lat), "small_p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "small_requests": len(lat), "small_wall_s": wall, "flood_requests": flood_n,
+            "flood_rps": flood_n / wall if flood else 0.0}
 
 
 async def run_load(url: str, small: list[str], flood: list[str] | None, named: bool, small_conc: int,
@@ -95,9 +158,12 @@ def bench_model(name: str, model: str | None, a: argparse.Namespace, tmp: Path) 
         asyncio.run(run_load(url, texts(16, words, 999), None, True, a.small_conc, a.flood_conc))  # warm-up
         for rep in range(a.repeats):
             for k, phase in enumerate(("solo", "fair", "fifo")):
+                if phase not in a.phases.split(","):
+                    continue
                 small = texts(n_small, words, seed=100 * rep + k)  # fresh texts per phase (no cache hits)
                 flood = None if phase == "solo" else texts(4000, words, seed=7 + rep)
-                res = asyncio.run(run_load(url, small, flood, phase != "fifo", a.small_conc, a.flood_conc))
+                load = run_load_process if a.flood_process else run_load
+                res = asyncio.run(load(url, small, flood, phase != "fifo", a.small_conc, a.flood_conc))
                 phases[phase].append(res)
                 print(f"{name:8s} rep {rep} {phase:5s} small p50 {res['small_p50_ms']:8.1f} ms  "
                       f"p99 {res['small_p99_ms']:8.1f} ms  flood {res['flood_rps']:6.1f} req/s", flush=True)
@@ -105,7 +171,7 @@ def bench_model(name: str, model: str | None, a: argparse.Namespace, tmp: Path) 
         stop_process(proc)
 
     def med(phase: str, key: str) -> float:
-        return statistics.median(r[key] for r in phases[phase])
+        return statistics.median(r[key] for r in phases[phase]) if phases[phase] else float("nan")
 
     solo = med("solo", "small_p99_ms")
     out = {"model": name, "small_requests": n_small, "small_concurrency": a.small_conc,
@@ -128,6 +194,9 @@ def main() -> None:
     ap.add_argument("--flood-conc", type=int, default=64)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--phases", default="solo,fair,fifo", help="which phases to run (solo is needed for ratios)")
+    ap.add_argument("--flood-process", action="store_true",
+                    help="send the flood from its own client process (two trainers) instead of the small run's")
     ap.add_argument("--json", default=str(ROOT / "bench/results/fairness.json"))
     a = ap.parse_args()
     from rewardkit.core.testing import make_tiny_reward_model

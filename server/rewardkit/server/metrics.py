@@ -136,6 +136,11 @@ class Metrics:
             "rewardkit_rewards_nonfinite_total", "NaN or infinite rewards produced (a model bug).",
             ["model"], registry=r,
         )  # fmt: skip
+        self.component_errors_total = Counter(
+            "rewardkit_component_errors_total",
+            "Items a part of a composition (rewards: {name: weight}) could not score, by part (the configured model "
+            "and component names).", ["part"], registry=r,
+        )  # fmt: skip
         self.abc_attention_entropy = Histogram(
             "rewardkit_abc_attention_entropy", "Entropy (nats) of the ABC attention row of an item.",
             buckets=ENTROPY_BUCKETS, registry=r,

@@ -13,7 +13,9 @@
   batch. With one run (or none named) tags follow arrival order: plain FIFO, as before.
   While two or more runs are active (waiting, or submitted or answered within 1 s), a batch is the
   ``fair_batch_size`` smallest tags (a short batch: where a batch's time grows with its items, as on CPU, a run's
-  next item waits at most one short batch, not a full one).
+  next item waits at most one short batch, not a full one). With ``preemptible`` (the CPU's padding-free path,
+  where a batch is one forward per item anyway), a batch formed while one run was alone runs in parts of that size,
+  and a run that shows up meanwhile is served after the current part, not after the whole batch.
 """
 
 from __future__ import annotations
@@ -53,6 +55,28 @@ class Job(Generic[P]):
     key: Hashable | None = None  # prefix-group key (see Scheduler's group_key)
     tag: float = 0.0  # virtual start time (fair queueing between runs): batches start from the smallest
     run: str | None = None  # the training run it scores for
+
+
+def _parts(batch: list[Job[P]], size: int) -> list[list[Job[P]]]:
+    """Split a batch into parts of about ``size`` items, keeping the items of one prefix group in one part (the
+    Scorer shares their prompt within a batch)."""
+    groups: dict[Hashable, list[Job[P]]] = {}
+    units: list[list[Job[P]]] = []
+    for job in batch:
+        if job.key is None:
+            units.append([job])
+        elif job.key in groups:
+            groups[job.key].append(job)
+        else:
+            groups[job.key] = [job]
+            units.append(groups[job.key])
+    parts: list[list[Job[P]]] = []
+    for unit in units:
+        if parts and len(parts[-1]) + len(unit) <= size:
+            parts[-1].extend(unit)
+        else:
+            parts.append(list(unit))
+    return parts
 
 
 @dataclasses.dataclass
@@ -136,12 +160,14 @@ class Scheduler(Generic[P, R]):
                  on_batch: Callable[[BatchStats], None] | None = None, inline: bool = False,
                  max_padding: float = 1.0, group_key: Callable[[P], Hashable | None] | None = None,
                  executor: ThreadPoolExecutor | None = None,
-                 run_weight: Callable[[str | None], float] | None = None, fair_batch_size: int = 0) -> None:
+                 run_weight: Callable[[str | None], float] | None = None, fair_batch_size: int = 0,
+                 preemptible: bool = False) -> None:
         self._batch_fn = batch_fn
         self._run_weight = run_weight  # a run's share of the model (default 1 each); see the module docstring
         self._vtime = 0.0  # virtual time: the start tag of the last batch's first item
         self._finish: dict[str | None, float] = {}  # each run's last virtual finish time (pruned once <= _vtime)
         self.fair_batch_size = fair_batch_size  # batch cap while several runs are active (0: no cap)
+        self.preemptible = preemptible  # a batch may stop between parts when a second run shows up (see _loop)
         self._seen: dict[str | None, float] = {}  # run -> when it last submitted or was answered (pruned)
         self._group_key = group_key  # prefix-group key of a payload (rewardkit.core.prefix): mates share a batch
         self.max_batch_tokens = max_batch_tokens
@@ -259,11 +285,21 @@ class Scheduler(Generic[P, R]):
             batch = [self._pending[i] for i in sorted(idx, key=lambda i: self._pending[i].num_tokens)]
             self._pending = [j for k, j in enumerate(self._pending) if k not in chosen]
             self._advance(min(j.tag for j in batch))
-            self.in_flight += len(batch)
-            try:
-                await self._run(loop, batch)
-            finally:
-                self.in_flight -= len(batch)
+            # a batch formed with one run active runs in parts of fair_batch_size items (prefix mates together) when
+            # ``preemptible``: once a second run shows up, the rest goes back to the queue (tags kept) and the next
+            # batch is a fair one, so a run that joins waits one part, not a whole batch of the other run's items
+            parts = (_parts(batch, self.fair_batch_size)
+                     if self.preemptible and self.fair_batch_size > 0 and len(batch) > self.fair_batch_size
+                     else [batch])
+            for k, part in enumerate(parts):
+                self.in_flight += len(part)
+                try:
+                    await self._run(loop, part)
+                finally:
+                    self.in_flight -= len(part)
+                if k + 1 < len(parts) and self.active_runs() >= 2:
+                    self._pending.extend(j for rest in parts[k + 1:] for j in rest)
+                    break
 
     def active_runs(self) -> int:
         """Runs with items waiting, or that submitted or were answered within the last second: a run whose requests
@@ -307,7 +343,9 @@ class Scheduler(Generic[P, R]):
 
     async def _call(self, loop: asyncio.AbstractEventLoop, payloads: list[P]) -> list[R]:
         if self.inline:
-            return self._batch_fn(payloads)
+            out = self._batch_fn(payloads)
+            await asyncio.sleep(0)  # one pass of the event loop: requests that arrived meanwhile are read in
+            return out
         return await loop.run_in_executor(self._executor, self._batch_fn, payloads)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Job[P]]) -> None:

@@ -74,7 +74,8 @@ class RewardService:
             on_batch=self._on_batch, max_padding=settings.max_padding_fraction, inline=settings.worker_mode == "inline",
             executor=torch_thread.EXECUTOR, run_weight=settings.run_weight,
             fair_batch_size=(settings.fair_batch_size if settings.fair_batch_size is not None
-                             else 4 if self.padding_free else settings.max_batch_size),
+                             else 1 if self.padding_free else settings.max_batch_size),
+            preemptible=self.padding_free,  # one forward per item: a batch can stop between parts for another run
             group_key=(lambda job: prefix_key(job.enc)) if settings.prefix_sharing else None)  # prompt mates batch together
         # operations (issue 7): drift monitor fed with every returned reward, optional Redis score cache
         def monitor() -> DriftMonitor:  # the global one and each run's: the same settings

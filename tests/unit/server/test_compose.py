@@ -94,6 +94,17 @@ def test_errors_are_per_item_and_per_part(client: TestClient) -> None:
     assert c["components"]["numeric_match"] is None and "numeric_match" in c["errors"]
     assert r.json()["rewards"] == [a["reward"], None, None]
 
+    def errors_of(part: str) -> float:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith(f'rewardkit_component_errors_total{{part="{part}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = {p: errors_of(p) for p in ("default", "numeric_match")}
+    client.post("/v1/rewards", json={"items": items, "rewards": {"default": 1, "numeric_match": 1}})
+    assert errors_of("numeric_match") - before["numeric_match"] == 2  # items b and c
+    assert errors_of("default") - before["default"] == 1  # item c
+
 
 @pytest.mark.parametrize(("body", "status", "field"), [
     ({"rewards": {"nosuch": 1}}, 422, "rewards.nosuch"),

@@ -112,3 +112,53 @@ def test_run_bookkeeping_stays_bounded(monkeypatch) -> None:  # type: ignore[no-
 
         s = asyncio.run(main())
         assert len(s._seen) <= 2 and len(s._finish) <= 2, (cap, len(s._seen), len(s._finish))
+
+
+def test_parts_keep_prefix_groups_together() -> None:
+    from rewardkit.server.scheduler import Job, _parts
+
+    def job(key: str | None) -> Job[str]:
+        return Job(payload=str(key), num_tokens=10, future=None, enqueued=0.0, deadline=1.0, key=key)  # type: ignore[arg-type]
+
+    batch = [job("g"), job(None), job("g"), job("h"), job("g"), job(None)]
+    parts = _parts(batch, 2)
+    for key in ("g", "h"):
+        assert sum(any(j.key == key for j in p) for p in parts) == 1, (key, [[j.key for j in p] for p in parts])
+    assert sorted(id(j) for p in parts for j in p) == sorted(id(j) for j in batch)  # nothing lost or doubled
+    assert [len(p) for p in _parts([job(None) for _ in range(5)], 2)] == [2, 2, 1]
+
+
+def test_run_that_shows_up_waits_one_part_not_the_batch() -> None:
+    """One run alone fills a 16-item batch; a second run's item submitted during the first part is served right
+    after it (the rest of the batch goes back to the queue with its tags), and every item is still answered once."""
+    import time
+
+    calls: list[list[str]] = []
+
+    def fn(xs: list[str]) -> list[str]:
+        calls.append(list(xs))
+        time.sleep(0.05)
+        return [x.upper() for x in xs]
+
+    async def main(preemptible: bool) -> list[str]:
+        s: Scheduler[str, str] = Scheduler(fn, max_batch_tokens=10_000, max_batch_size=16, max_wait_s=0.0,
+                                           max_queue_items=1000, fair_batch_size=2, preemptible=preemptible)
+        big = s.submit([f"a{i}" for i in range(16)], [10] * 16, timeout_s=10, run="a")
+        s.start()
+        await asyncio.sleep(0.02)  # the first part is running
+        small = s.submit(["b0"], [10], timeout_s=10, run="b")
+        out = await asyncio.gather(*big, *small)
+        await s.stop()
+        return out
+
+    for preemptible in (True, False):
+        calls.clear()
+        out = asyncio.run(main(preemptible))
+        assert out == [f"A{i}" for i in range(16)] + ["B0"]
+        served = [x for c in calls for x in c]
+        assert sorted(served) == sorted([f"a{i}" for i in range(16)] + ["b0"])  # each item once
+        before_b = served.index("b0")
+        if preemptible:
+            assert before_b <= 2 + 2, calls  # the part that was running, then at most one more
+        else:
+            assert before_b == 16, calls  # the whole batch first
