@@ -14,8 +14,8 @@
   While two or more runs are active (waiting, or submitted or answered within 1 s), a batch is the
   ``fair_batch_size`` smallest tags (a short batch: where a batch's time grows with its items, as on CPU, a run's
   next item waits at most one short batch, not a full one). With ``preemptible`` (the CPU's padding-free path,
-  where a batch is one forward per item anyway), a batch formed while one run was alone runs in parts of that size,
-  and a run that shows up meanwhile is served after the current part, not after the whole batch.
+  where a batch is one forward per item anyway), a batch formed while one named run was alone runs in parts of
+  that size, and a run that shows up meanwhile is served after the current part, not after the whole batch.
 """
 
 from __future__ import annotations
@@ -288,9 +288,10 @@ class Scheduler(Generic[P, R]):
             # a batch formed with one run active runs in parts of fair_batch_size items (prefix mates together) when
             # ``preemptible``: once a second run shows up, the rest goes back to the queue (tags kept) and the next
             # batch is a fair one, so a run that joins waits one part, not a whole batch of the other run's items
+            # (named runs only: unnamed traffic, one tenant as before, keeps its whole batches)
             parts = (_parts(batch, self.fair_batch_size)
-                     if self.preemptible and self.fair_batch_size > 0 and len(batch) > self.fair_batch_size
-                     else [batch])
+                     if self.preemptible and 0 < self.fair_batch_size < len(batch)
+                     and any(j.run is not None for j in batch) else [batch])
             for k, part in enumerate(parts):
                 self.in_flight += len(part)
                 try:

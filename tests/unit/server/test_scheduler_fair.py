@@ -140,10 +140,10 @@ def test_run_that_shows_up_waits_one_part_not_the_batch() -> None:
         time.sleep(0.05)
         return [x.upper() for x in xs]
 
-    async def main(preemptible: bool) -> list[str]:
+    async def main(preemptible: bool, big_run: str | None) -> list[str]:
         s: Scheduler[str, str] = Scheduler(fn, max_batch_tokens=10_000, max_batch_size=16, max_wait_s=0.0,
                                            max_queue_items=1000, fair_batch_size=2, preemptible=preemptible)
-        big = s.submit([f"a{i}" for i in range(16)], [10] * 16, timeout_s=10, run="a")
+        big = s.submit([f"a{i}" for i in range(16)], [10] * 16, timeout_s=10, run=big_run)
         s.start()
         await asyncio.sleep(0.02)  # the first part is running
         small = s.submit(["b0"], [10], timeout_s=10, run="b")
@@ -151,14 +151,14 @@ def test_run_that_shows_up_waits_one_part_not_the_batch() -> None:
         await s.stop()
         return out
 
-    for preemptible in (True, False):
+    for preemptible, big_run in ((True, "a"), (False, "a"), (True, None)):  # unnamed traffic keeps whole batches
         calls.clear()
-        out = asyncio.run(main(preemptible))
+        out = asyncio.run(main(preemptible, big_run))
         assert out == [f"A{i}" for i in range(16)] + ["B0"]
         served = [x for c in calls for x in c]
         assert sorted(served) == sorted([f"a{i}" for i in range(16)] + ["b0"])  # each item once
         before_b = served.index("b0")
-        if preemptible:
+        if preemptible and big_run is not None:
             assert before_b <= 2 + 2, calls  # the part that was running, then at most one more
         else:
             assert before_b == 16, calls  # the whole batch first
