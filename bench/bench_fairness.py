@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,42 +38,55 @@ def texts(n: int, words: int, seed: int) -> list[str]:
     return [f"Answer {seed}-{i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) for i in range(n)]
 
 
+async def _flood(client: httpx.AsyncClient, url: str, flood: list[str], named: bool, conc: int,
+                 stopped: Callable[[], bool], answered: Callable[[], None]) -> None:
+    """The flooding run: ``conc`` single-item requests in flight until ``stopped()``."""
+
+    async def worker(k: int) -> None:
+        i = k
+        while not stopped():
+            t = flood[i % len(flood)]
+            i += conc
+            r = await client.post(url + "/v1/rewards", json={"items": [{"text": t}]},
+                                  headers={"x-rewardkit-run": "flood-run"} if named else {})
+            r.raise_for_status()
+            answered()
+
+    await asyncio.gather(*(worker(k) for k in range(conc)))
+
+
 def _flood_process(url: str, flood: list[str], named: bool, conc: int, stop: Any, count: Any) -> None:
-    """The flooding run, in its own process (another trainer): ``conc`` requests in flight until ``stop`` is set."""
+    """The flood from its own process (another trainer), until ``stop`` is set; ``count`` counts its answers."""
+
+    def answered() -> None:
+        with count.get_lock():
+            count.value += 1
 
     async def main() -> None:
-        async def worker(client: httpx.AsyncClient, k: int) -> None:
-            i = k
-            while not stop.is_set():
-                t = flood[i % len(flood)]
-                i += conc
-                r = await client.post(url + "/v1/rewards", json={"items": [{"text": t}]},
-                                      headers={"x-rewardkit-run": "flood-run"} if named else {})
-                r.raise_for_status()
-                with count.get_lock():
-                    count.value += 1
-
         async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=conc + 4)) as client:
-            await asyncio.gather(*(worker(client, k) for k in range(conc)))
+            await _flood(client, url, flood, named, conc, stop.is_set, answered)
 
     asyncio.run(main())
 
 
-async def run_load_process(url: str, small: list[str], flood: list[str] | None, named: bool, small_conc: int,
-                   flood_conc: int) -> dict[str, Any]:
-    """Send ``small`` at ``small_conc`` in flight (and ``flood`` at ``flood_conc``, from another process, until the
-    small run is done). Each run is its own client process, as two trainers are: the small run's latency then does
-    not include the flood's client-side work."""
+async def run_load(url: str, small: list[str], flood: list[str] | None, named: bool, small_conc: int,
+                   flood_conc: int, flood_process: bool = False) -> dict[str, Any]:
+    """Send ``small`` at ``small_conc`` in flight, and ``flood`` at ``flood_conc`` until the small run is done:
+    from this process, or with ``flood_process`` from its own (two trainers: the small run's latency then does not
+    include the flood's client-side work). The flood's throughput counts its answers while the small run runs."""
     import multiprocessing as mp
 
     lat: list[float] = []
+    done = asyncio.Event()
+    local = [0]
     ctx = mp.get_context("spawn")
     stop, count = ctx.Event(), ctx.Value("l", 0)
-    proc = None
-    if flood:
-        proc = ctx.Process(target=_flood_process, args=(url, flood, named, flood_conc, stop, count), daemon=True)
-        proc.start()
-        await asyncio.sleep(3.0)  # the process starts and the flood's queue is full before the small run starts
+
+    def answered() -> None:
+        local[0] += 1
+
+    def flood_answers() -> int:
+        return int(count.value) if flood_process else local[0]
 
     async def small_worker(client: httpx.AsyncClient, queue: list[str]) -> None:
         while queue:
@@ -83,65 +97,32 @@ async def run_load_process(url: str, small: list[str], flood: list[str] | None, 
             r.raise_for_status()
             lat.append(time.perf_counter() - t0)
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=small_conc + 4)) as client:
+    limits = httpx.Limits(max_connections=small_conc + flood_conc + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        proc, task = None, None
+        if flood and flood_process:
+            proc = ctx.Process(target=_flood_process, args=(url, flood, named, flood_conc, stop, count), daemon=True)
+            proc.start()
+        elif flood:
+            task = asyncio.create_task(_flood(client, url, flood, named, flood_conc, done.is_set, answered))
+        if flood:
+            await asyncio.sleep(3.0 if flood_process else 1.0)  # the flood's queue is full before the small run
         queue = list(small)
-        n0 = count.value
+        n0 = flood_answers()
         t0 = time.perf_counter()
         await asyncio.gather(*(small_worker(client, queue) for _ in range(small_conc)))
         wall = time.perf_counter() - t0
-        flood_n = count.value - n0
-    if proc is not None:
+        flood_n = flood_answers() - n0
+        done.set()
         stop.set()
-        proc.join(120)
+        if task is not None:
+            await task
+        if proc is not None:
+            proc.join(120)
     lat.sort()
     return {"small_p50_ms": 1000 * statistics.median(lat), "small_p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
             "small_requests": len(lat), "small_wall_s": wall, "flood_requests": flood_n,
             "flood_rps": flood_n / wall if flood else 0.0}
-
-
-async def run_load(url: str, small: list[str], flood: list[str] | None, named: bool, small_conc: int,
-                   flood_conc: int) -> dict[str, Any]:
-    """Send ``small`` at ``small_conc`` in flight (and ``flood`` at ``flood_conc`` until the small run is done)."""
-    done = asyncio.Event()
-    lat: list[float] = []
-    flood_n = 0
-
-    def headers(run: str) -> dict[str, str]:
-        return {"x-rewardkit-run": run} if named else {}
-
-    async def small_worker(client: httpx.AsyncClient, queue: list[str]) -> None:
-        while queue:
-            t = queue.pop()
-            t0 = time.perf_counter()
-            r = await client.post(url + "/v1/rewards", json={"items": [{"text": t}]}, headers=headers("small-run"))
-            r.raise_for_status()
-            lat.append(time.perf_counter() - t0)
-
-    async def flood_worker(client: httpx.AsyncClient, k: int) -> None:
-        nonlocal flood_n
-        i = k
-        while not done.is_set():
-            t = flood[i % len(flood)] if flood else ""  # type: ignore[index]
-            i += flood_conc
-            r = await client.post(url + "/v1/rewards", json={"items": [{"text": t}]}, headers=headers("flood-run"))
-            r.raise_for_status()
-            flood_n += 1
-
-    limits = httpx.Limits(max_connections=small_conc + flood_conc + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        floods = [asyncio.create_task(flood_worker(client, k)) for k in range(flood_conc)] if flood else []
-        if floods:
-            await asyncio.sleep(1.0)  # the flood's queue is full before the small run starts
-        queue = list(small)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(small_worker(client, queue) for _ in range(small_conc)))
-        wall = time.perf_counter() - t0
-        done.set()
-        await asyncio.gather(*floods)
-    lat.sort()
-    return {"small_p50_ms": 1000 * statistics.median(lat), "small_p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-            "small_requests": len(lat), "small_wall_s": wall, "flood_requests": flood_n,
-            "flood_rps": flood_n / wall if floods else 0.0}
 
 
 def bench_model(name: str, model: str | None, a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -162,8 +143,8 @@ def bench_model(name: str, model: str | None, a: argparse.Namespace, tmp: Path) 
                     continue
                 small = texts(n_small, words, seed=100 * rep + k)  # fresh texts per phase (no cache hits)
                 flood = None if phase == "solo" else texts(4000, words, seed=7 + rep)
-                load = run_load_process if a.flood_process else run_load
-                res = asyncio.run(load(url, small, flood, phase != "fifo", a.small_conc, a.flood_conc))
+                res = asyncio.run(run_load(url, small, flood, phase != "fifo", a.small_conc, a.flood_conc,
+                                           a.flood_process))
                 phases[phase].append(res)
                 print(f"{name:8s} rep {rep} {phase:5s} small p50 {res['small_p50_ms']:8.1f} ms  "
                       f"p99 {res['small_p99_ms']:8.1f} ms  flood {res['flood_rps']:6.1f} req/s", flush=True)

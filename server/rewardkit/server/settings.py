@@ -127,8 +127,8 @@ class Settings(BaseSettings):
         "while two or more runs are active (waiting, or seen within 1 s), a batch holds at most this many items, smallest fair-share tags first, "
         "so a run's next item waits one short batch (None: 1 on the CPU's padding-free path, where a batch is one "
         "forward per item and its time grows with its items, else max_batch_size; 0: no cap). On the padding-free "
-        "path a batch formed while one run was alone also runs in parts of this size, so a run that shows up waits "
-        "one part, not the whole batch"))
+        "path a batch formed while one named run was alone also runs in parts of this size, so a run that shows up "
+        "waits one part, not the whole batch"))
     drift_sync_interval_s: float = Field(5.0, gt=0, description="how often a replica pushes its window to Redis")
     state_dir: Path = Field(Path("./rewardkit-state"), description="R2M heads and other server state")
     # -- R2M online alignment (rewardkit.server.r2m; docs/r2m.md) --

@@ -130,6 +130,7 @@ class ModelRegistry:
         scored: list[list[ScoredItem | str]] = list(await asyncio.gather(
             *(p.service.score_each(items, truncate, field) for p in models if p.service is not None)))
         responses = [response_text(it) for it in items]
+        metrics = self.primary.metrics
         out = []
         for i in range(len(items)):
             comps: dict[str, float | None] = {}
@@ -151,9 +152,9 @@ class ModelRegistry:
                 except ComponentError as exc:
                     comps[p.name], errors[p.name] = None, f"{field}[{i}]: {exc}"
             total = None if errors else sum(p.weight * (comps[p.name] or 0.0) for p in parts)
-            metrics = self.primary.metrics
-            for name in errors if metrics is not None else ():  # part names come from the config: bounded
-                metrics.component_errors_total.labels(part=name).inc()
+            if metrics is not None:
+                for name in errors:  # part names come from the config: bounded
+                    metrics.component_errors_total.labels(part=name).inc()
             out.append(Composed(total, {p.name: comps[p.name] for p in parts}, errors, ntok, truncated))
         return out
 
