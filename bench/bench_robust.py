@@ -59,7 +59,7 @@ def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[
         cfg = {**base, "tau": args.tau}
         cmd = "rewardkit train rrm " + _flags(cfg)
         metrics = train_rrm(RRMConfig(**cfg), command=cmd).metrics
-    elif method in ("bt_lora", "idrm"):
+    elif method in ("bt_lora", "idrm", "idrm_shuffled", "idrm_uniform"):
         from rewardkit.training.idrm import IdRMConfig, train_idrm
 
         start = Path(args.out) / f"bt-s{seed}"
@@ -69,7 +69,13 @@ def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[
                "num_epochs": args.lora_epochs, "learning_rate": args.lora_lr, "batch_size": 8, "feature_cache_dir": "",
                "eta": 0.0 if method == "bt_lora" else args.eta, "align_layers": args.k,
                "teacher_epochs": args.teacher_epochs, "teacher_cache_dir": args.cache, "logging_steps": 5,
-               **({"lora_layers": args.lora_layers} if args.lora_layers else {})}
+               "align_queries": args.align_queries, "mass_weight": args.mass_weight,
+               "teacher_pairs": args.teacher_pairs, "teacher_val_pairs": args.teacher_val_pairs,
+               "teacher_exclude": args.train_pairs if args.teacher_pairs else 0,
+               "teacher_min_gain": args.teacher_min_gain,
+               "target_control": {"idrm_shuffled": "shuffled", "idrm_uniform": "uniform"}.get(method, "teacher"),
+               **({"lora_layers": args.lora_layers} if args.lora_layers else {}),
+               **({"lora_target_modules": args.lora_targets} if args.lora_targets else {})}
         cmd = "rewardkit train idrm " + _flags(cfg)
         metrics = train_idrm(IdRMConfig(**cfg), command=cmd).metrics
     else:
@@ -89,10 +95,13 @@ def evaluate_ckpt(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     w = rm.head.weight.detach().float().squeeze(0)  # (H,)
     fmt = Formatter(rm.tokenizer, max_length=2048)
     res: dict[str, Any] = {}
-    for split in args.splits.split(","):
-        pairs, _ = load_preferences(Path(args.testbed) / f"{split}.jsonl")
-        if args.eval_pairs and args.eval_pairs < len(pairs):
-            pairs = random.Random(f"rewardkit-eval:{split}").sample(pairs, args.eval_pairs)  # eval.py's sample rule
+    files = [(split, Path(args.testbed) / f"{split}.jsonl", args.eval_pairs) for split in args.splits.split(",")]
+    if args.outside:  # the outside pairs and the unseen styles (bench/outside_pairs.py)
+        files += [(f"outside_{f.stem}", f, args.outside_pairs) for f in sorted(Path(args.outside).glob("*.jsonl"))]
+    for split, file, n_eval in files:
+        pairs, _ = load_preferences(file)
+        if n_eval and n_eval < len(pairs):
+            pairs = random.Random(f"rewardkit-eval:{split}").sample(pairs, n_eval)  # eval.py's sample rule
         enc, _ = encode_pairs(pairs, fmt)
         h_c, h_r = extract_features(rm, enc, cache_dir=args.cache, progress=False)
         d = h_c @ w - h_r @ w  # (N,)
@@ -134,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--lora-layers", default="", help="layers LoRA adapts, e.g. 14-29 or 26,27 (default: the last K)")
     p.add_argument("--teacher-epochs", type=float, default=2.0)
+    p.add_argument("--teacher-pairs", type=int, default=0,
+                   help="pairs the teacher fine-tunes on, disjoint from the student's (0 = the student's own)")
+    p.add_argument("--teacher-val-pairs", type=int, default=0, help="held-out check of the teacher (0 = none)")
+    p.add_argument("--teacher-min-gain", type=float, default=0.10)
+    p.add_argument("--align-queries", type=int, default=0, help="response rows aligned per text (0 = reward row only)")
+    p.add_argument("--mass-weight", type=float, default=0.0, help="weight of the attention-mass term (0 = off)")
+    p.add_argument("--lora-targets", default="", help="LoRA target modules (default: the trainer's q,k,v,o)")
+    p.add_argument("--outside", default="", help="also evaluate the outside pairs and unseen styles in this dir "
+                   "(bench/data/outside): outside_clean and outside_<style>_on_<side>")
+    p.add_argument("--outside-pairs", type=int, default=0, help="seeded sample per outside file (0 = all)")
     p.add_argument("--splits", default=",".join(SPLITS), help="testbed splits to evaluate")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default="", help="append results to this JSON file (default OUT/results.json)")
@@ -165,7 +184,17 @@ def main(argv: list[str] | None = None) -> int:
                 src = [r for r in trained if r["method"] == method and r["seed"] == seed]
                 metrics, cmd = (src[0]["metrics"], src[0]["command"]) if src else ({"wall_seconds": 0.0}, "")
             else:
-                path, metrics, cmd = train(method, args, seed)
+                try:
+                    path, metrics, cmd = train(method, args, seed)
+                except ValueError as e:  # a teacher refused by its held-out check is a result, not a crash
+                    if "teacher_min_gain" not in str(e):
+                        raise
+                    runs = [r for r in runs if not (r["method"] == method and r["seed"] == seed)]
+                    runs.append({"method": method, "seed": seed, "refused": str(e), "eval": {}, "metrics": {}})
+                    out_json.parent.mkdir(parents=True, exist_ok=True)
+                    out_json.write_text(json.dumps(runs, indent=2, sort_keys=True))
+                    print(method, seed, "refused:", e, flush=True)
+                    continue
             t_eval = time.time()
             ev = evaluate_ckpt(path, args)
             runs = [r for r in runs if not (r["method"] == method and r["seed"] == seed)]

@@ -24,7 +24,8 @@ from rewardkit.core.errors import ConfigError
 
 ATTN_NAME = "abc_sdpa"
 
-__all__ = ["ATTN_NAME", "AttentionCapture", "abc_sdpa_attention", "attention_row", "capture", "register_attention"]
+__all__ = ["ATTN_NAME", "AttentionCapture", "abc_sdpa_attention", "attention_row", "attention_rows", "capture",
+           "register_attention"]
 
 
 # --- the captured row -----------------------------------------------------------------------------------------------
@@ -36,6 +37,16 @@ class AttentionCapture:
     layers: frozenset[int]
     positions: torch.Tensor
     rows: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> (B, T_k) float32
+    queries: torch.Tensor | None = None  # (B, Q) more query positions per item (-1 = none), for Id-RM's rows
+    query_rows: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> (B, Q, T_k) float32
+
+    def mean_query_rows(self) -> torch.Tensor:
+        """(B, Q, T_k): the rows of ``queries`` averaged over the captured layers (all zeros where a query is -1)."""
+        missing = self.layers - set(self.query_rows)
+        if self.queries is None or missing:
+            raise ConfigError(f"no query rows captured for layers {sorted(missing)}: pass queries= to capture() and "
+                              f"load the model with attn_implementation={ATTN_NAME!r}")
+        return torch.stack([self.query_rows[i] for i in sorted(self.layers)]).mean(0)
 
     def mean_row(self) -> torch.Tensor:
         """(B, T_k): the rows averaged over the captured layers."""
@@ -53,9 +64,11 @@ _CAPTURE: contextvars.ContextVar[AttentionCapture | None] = contextvars.ContextV
 
 
 @contextlib.contextmanager
-def capture(layers: Sequence[int], positions: torch.Tensor) -> Iterator[AttentionCapture]:
-    """Capture the attention rows at ``positions`` (B,) for ``layers`` during forwards run inside the block."""
-    cap = AttentionCapture(frozenset(int(i) for i in layers), positions)
+def capture(layers: Sequence[int], positions: torch.Tensor,
+            queries: torch.Tensor | None = None) -> Iterator[AttentionCapture]:
+    """Capture the attention rows at ``positions`` (B,) for ``layers`` during forwards run inside the block; with
+    ``queries`` (B, Q), also the rows of those query positions (-1 = padding), as ``query_rows``."""
+    cap = AttentionCapture(frozenset(int(i) for i in layers), positions, queries=queries)
     token = _CAPTURE.set(cap)
     try:
         yield cap
@@ -102,6 +115,38 @@ def attention_row(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.
     return torch.softmax(scores, dim=-1).mean(1)  # (B, Tk)
 
 
+def attention_rows(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                   scaling: float | None, queries: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax attention rows of the query positions ``queries`` (B, Q) (-1 = none: a zero row).
+
+    Same conventions as :func:`attention_row`; (B, Q, T_k) float32, with its autograd graph. B x Q x H x T work.
+    """
+    b, hq, tq, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    rep = hq // hkv
+    scale = d**-0.5 if scaling is None else scaling
+    qi = queries.to(query.device).long()  # (B, Q)
+    valid = qi >= 0
+    qc = qi.clamp(min=0)
+    nq = qi.shape[1]
+    rows = torch.arange(b, device=query.device)[:, None].expand(b, nq)  # (B, Q)
+    q = query.transpose(1, 2)[rows, qc].float()  # (B, Q, Hq, D)
+    q = q.reshape(b, nq, hkv, rep, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, nq * rep, d)  # grouped by KV head
+    scores = torch.matmul(q, key.float().transpose(-1, -2))  # (B, Hkv, Q*rep, Tk)
+    scores = scores.reshape(b, hkv, nq, rep, tk).permute(0, 2, 1, 3, 4).reshape(b, nq, hq, tk) * scale
+    k_pos = torch.arange(tk, device=query.device)
+    allowed = k_pos[None, None, :] <= (qc + (tk - tq))[..., None]  # (B, Q, Tk) causal
+    if attention_mask is not None:
+        m = attention_mask[:, 0].expand(b, -1, -1)[rows, qc]  # (B, Q, Tk)
+        if m.dtype == torch.bool:
+            allowed = allowed & m
+        else:
+            scores = scores + m.float()[:, :, None, :]
+    scores = scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1).mean(2)  # (B, Q, Tk)
+    return out * valid[..., None]
+
+
 def abc_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, plus the ABC row for the captured layers while a capture is active."""
@@ -111,6 +156,9 @@ def abc_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if cap is not None and getattr(module, "layer_idx", None) in cap.layers:
         cap.rows[int(module.layer_idx)] = attention_row(  # type: ignore[arg-type]
             query, key, attention_mask, kwargs.get("scaling"), cap.positions)
+        if cap.queries is not None:
+            cap.query_rows[int(module.layer_idx)] = attention_rows(  # type: ignore[arg-type]
+                query, key, attention_mask, kwargs.get("scaling"), cap.queries)
     return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)  # type: ignore[no-any-return]
 
 

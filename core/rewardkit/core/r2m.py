@@ -308,12 +308,14 @@ def grebt_loss(
 
 @dataclass
 class R2MBatch:
-    """Inputs of one update: RM states (B, D_rm), policy states (B, S, D_p), mask (B, S), B group keys."""
+    """Inputs of one update: RM states (B, D_rm), policy states (B, S, D_p), mask (B, S), B group keys, and an
+    optional fixed offset (B,) added to the head's rewards (the RM's LL term, which the head does not compute)."""
 
     h_last: torch.Tensor
     policy_hidden: torch.Tensor
     mask: torch.Tensor
     group_ids: Sequence[Hashable]
+    offset: torch.Tensor | None = None
 
 
 def make_optimizer(head: R2MHead, lr: float | None = None) -> torch.optim.Optimizer:
@@ -343,6 +345,8 @@ def r2m_update_step(
     a = head.cfg.alpha if alpha is None else alpha
     head.train()
     rewards = head(batch.h_last.detach(), batch.policy_hidden.detach(), batch.mask, w=w)  # (B,)
+    if batch.offset is not None:  # the served reward: head + the RM's fixed LL term (no gradient: a constant)
+        rewards = rewards + batch.offset.to(rewards.device, rewards.dtype).detach()
     loss, stats = grebt_loss(rewards, batch.group_ids, rewards.detach(), alpha=a)
     stats["loss"] = float(loss.detach())
     optimizer.zero_grad(set_to_none=True)

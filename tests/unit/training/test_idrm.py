@@ -15,6 +15,7 @@ from rewardkit.core.loading import load_reward_model
 from rewardkit.core.testing import make_tokenizer
 from rewardkit.training.idrm import (
     IdRMConfig,
+    StudentTarget,
     Teacher,
     align_layer_indices,
     attention_kl,
@@ -159,13 +160,14 @@ def test_kl_gradient_reaches_q_and_k_of_the_last_k_layers(tiny_llama_dir: Path) 
         keep = it.response_token_indices()
         d = np.zeros(len(keep))
         d[0] = 1.0
-        targets.append((keep, d))
+        targets.append(StudentTarget(keep, d, np.zeros((len(keep), len(keep))), np.zeros(len(keep)), 0.0,
+                                     np.zeros(len(keep), dtype=bool)))
     fwd = RewardForward(rm.model, rm.head, rm.pad_token_id, rm.meta.reward_token_rule)
     lora = {n: p for n, p in rm.model.named_parameters() if "lora_" in n}
     assert lora and all(".layers.1." in n for n in lora)  # only the last K layers carry adapters
     opt = torch.optim.SGD(lora.values(), lr=0.1)
     before = {n: p.detach().clone() for n, p in lora.items()}
-    _, _, kl, _ = idrm_step_loss(fwd, rm, items, targets, layers, eta=1.0)
+    _, _, kl, _, _ = idrm_step_loss(fwd, rm, items, targets, layers, eta=1.0)
     kl.backward()  # the KL alone: its gradient must reach the attention projections
     for proj in ("q_proj", "k_proj"):
         grads = [p.grad for n, p in lora.items() if proj in n and "lora_B" in n]
@@ -175,7 +177,7 @@ def test_kl_gradient_reaches_q_and_k_of_the_last_k_layers(tiny_llama_dir: Path) 
     assert any("q_proj" in n for n in changed) and any("k_proj" in n for n in changed)
     # and a step lowers the KL
     opt.zero_grad()
-    _, _, kl_after, _ = idrm_step_loss(fwd, rm, items, targets, layers, eta=1.0)
+    _, _, kl_after, _, _ = idrm_step_loss(fwd, rm, items, targets, layers, eta=1.0)
     assert float(kl_after.detach()) < float(kl.detach())
 
 
@@ -191,7 +193,7 @@ def test_train_idrm_end_to_end_checkpoint_and_teacher_cache(tiny_llama_dir: Path
     base = dict(model=str(tiny_llama_dir), train_file=str(data), device="cpu", num_epochs=2, batch_size=4,
                 learning_rate=1e-2, logging_steps=1, disable_tqdm=True, max_length=64, seed=1, eta=1.0,
                 align_layers=1, teacher_model=str(tiny_teacher_dir), teacher_epochs=1, teacher_batch_size=8,
-                teacher_cache_dir=str(tmp_path / "cache"))
+                teacher_cache_dir=str(tmp_path / "cache"), teacher_val_pairs=0)
     res = train_idrm(IdRMConfig(output_dir=str(tmp_path / "a"), **base), command="test")  # type: ignore[arg-type]
     assert res.metrics["teacher"]["cache_hit"] is False and res.metrics["teacher"]["teacher_finetuned"] is True
     assert res.metrics["train_kl_last"] > 0 and res.steps == 6
@@ -216,7 +218,8 @@ def test_train_idrm_full_mode_and_lora_on_every_layer(tiny_llama_dir: Path, tiny
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()), encoding="utf-8")
     base = dict(model=str(tiny_llama_dir), train_file=str(data), device="cpu", num_epochs=1, batch_size=4,
                 learning_rate=1e-3, disable_tqdm=True, max_length=64, seed=1, eta=1.0, align_layers=1,
-                teacher_model=str(tiny_teacher_dir), teacher_epochs=0, teacher_cache_dir=str(tmp_path / "cache"))
+                teacher_model=str(tiny_teacher_dir), teacher_epochs=0, teacher_cache_dir=str(tmp_path / "cache"),
+                teacher_val_pairs=0)
     before = load_reward_model(tiny_llama_dir)
     full = train_idrm(IdRMConfig(output_dir=str(tmp_path / "f"), mode="full", **base))  # type: ignore[arg-type]
     assert (tmp_path / "f" / "backbone" / "config.json").is_file()
@@ -266,3 +269,155 @@ def test_teacher_difference_head_learns_which_response_wins_in_both_orders(tiny_
     with torch.no_grad():
         logits, _ = teacher([e[0] for e in ex])
     assert (logits[0::2] > 0).all() and (logits[1::2] < 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- response rows (issue 20)
+
+
+def test_attention_rows_match_the_single_row_and_the_eager_map(tiny_llama_dir: Path) -> None:
+    """``attention_rows`` (several query positions per item) equals ``attention_row`` at each position and the eager
+    attention map of the same model; a -1 query gives a zero row."""
+    from rewardkit.core.attention import capture
+
+    rm = load_reward_model(tiny_llama_dir)
+    fmt = Formatter(rm.tokenizer, max_length=64)
+    items = [fmt.encode(ScoreItem(prompt="What is 2 + 2?", response=r)) for r in ("2 + 2 = 4.", "It is 5, I think.")]
+    from rewardkit.core.forward import pad_batch
+
+    ids, mask, pos = pad_batch(items, rm.pad_token_id, "right", rm.device)
+    n0 = items[0].num_tokens
+    queries = torch.tensor([[1, n0 - 1, -1], [2, 5, items[1].num_tokens - 1]])
+    with torch.no_grad(), capture([0, 1], queries[:, 1], queries=queries) as cap:
+        rm.model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    rows = cap.mean_query_rows()  # (2, 3, T)
+    assert rows.shape == (2, 3, ids.shape[1])
+    assert torch.allclose(rows[:, 1], cap.mean_row(), atol=1e-6)  # the same positions as the single-row capture
+    assert float(rows[0, 2].abs().sum()) == 0.0
+    assert torch.allclose(rows[0, :2].sum(-1), torch.ones(2), atol=1e-5)
+    assert float(rows[0, 0, 2:].abs().sum()) == 0.0  # causal: query 1 sees keys 0..1 only
+    rm.model.set_attn_implementation("eager")  # the reference: transformers' own attention maps
+    with torch.no_grad():
+        out = rm.model(input_ids=ids, attention_mask=mask, position_ids=pos, output_attentions=True)
+    ref = torch.stack([a.float().mean(1) for a in out.attentions]).mean(0)  # (B, T, T) heads, then layers averaged
+    assert torch.allclose(rows[1, 1], ref[1, 5], atol=1e-5)
+    assert torch.allclose(rows[0, 0], ref[0, 1], atol=1e-5)
+
+
+def _hand_target() -> tuple[object, np.ndarray, dict[str, np.ndarray]]:
+    from transformers import AutoTokenizer  # noqa: F401  (keeps the fixture-free test close to the real path)
+
+    tok = make_tokenizer()
+    item = Formatter(tok, max_length=64).encode(ScoreItem(prompt="Say hi.", response="ab cd"))
+    n_chars = item.response_end - item.response_start
+    # two teacher tokens: "ab" (0..2) and "cd" (3..5); "cd" attends only to "ab", "ab" to itself
+    maps = {"offsets": np.array([[0, 2], [3, 5]]), "rows": np.array([[0.5, 0.0], [0.3, 0.1]]),
+            "prompt": np.array([0.5, 0.6]), "reward_mass": np.array([0.7])}
+    char_mass = np.zeros(n_chars)
+    char_mass[3:5] = 0.5
+    return item, char_mass, maps
+
+
+def test_student_row_targets_map_rows_by_characters_and_keep_the_teachers_mass() -> None:
+    from rewardkit.training.idrm import student_row_targets
+
+    item, char_mass, maps = _hand_target()
+    t = student_row_targets(item, char_mass, maps)
+    rel = [(item.offsets[i][0] - item.response_start, item.offsets[i][1] - item.response_start) for i in t.idx]
+    in_ab = [j for j, (s, e) in enumerate(rel) if s < 2 and e > 0]
+    in_cd = [j for j, (s, e) in enumerate(rel) if s < 5 and e > 3]
+    assert in_ab and in_cd and t.rows.shape == (len(t.idx), len(t.idx))
+    j = in_cd[-1]  # a "cd" query: its mass sits on the "ab" keys (0.3) and on the "cd" keys (0.1)
+    assert t.rows[j, in_ab].sum() == pytest.approx(0.3) and t.rows[j, in_cd].sum() == pytest.approx(0.1)
+    # its teacher share on the response so far: (0.3 + the causal part of 0.1) / (that + 0.6 on the prompt)
+    causal = np.tril(t.rows)[j].sum()
+    assert t.mass[j] == pytest.approx(causal / (causal + 0.6))
+    assert t.reward_mass == pytest.approx(0.7) and t.dist.sum() == pytest.approx(1.0)
+    assert t.dist[in_cd].sum() == pytest.approx(1.0)  # the reward target: all on "cd"
+    assert all(not t.valid[k] for k, (s, e) in enumerate(rel) if e <= s or s >= 5 or (2 <= s and e <= 3))
+
+
+def test_controls_shuffle_places_and_uniform_keeps_the_mass() -> None:
+    from rewardkit.training.idrm import control_target, student_row_targets
+
+    item, char_mass, maps = _hand_target()
+    t = student_row_targets(item, char_mass, maps)
+    rng = np.random.default_rng(0)
+    sh = control_target(t, "shuffled", rng)
+    assert sorted(sh.dist.tolist()) == pytest.approx(sorted(t.dist.tolist()))
+    assert sorted(sh.mass.tolist()) == pytest.approx(sorted(t.mass.tolist()))
+    assert sh.rows.sum() == pytest.approx(t.rows.sum())
+    un = control_target(t, "uniform", rng)
+    assert un.dist == pytest.approx(np.full(len(t.idx), 1 / len(t.idx)))
+    assert np.array_equal(un.mass, t.mass) and un.reward_mass == t.reward_mass
+    assert control_target(t, "teacher", rng) is t
+
+
+def test_row_kl_and_mass_terms_move_attention_off_a_sink(tiny_llama_dir: Path) -> None:
+    """The response-row KL and the mass term both have gradient into q/k, and steps on the mass term alone raise the
+    share of the aligned rows that lands on the response (away from the template and BOS)."""
+    from rewardkit.training.idrm import row_kl_and_mass, sample_queries  # noqa: F401
+
+    rm = load_reward_model(tiny_llama_dir)
+    cfg = IdRMConfig(model=str(tiny_llama_dir), train_file="x", output_dir="y", lora_target_modules="q_proj,k_proj")
+    layers = align_layer_indices(rm, 1)
+    setup_trainable(cfg, rm, layers)
+    fmt = Formatter(rm.tokenizer, max_length=64)
+    items = [fmt.encode(ScoreItem(prompt="What is 2 + 2?", response=r)) for r in ("2 + 2 = 4.", "It is 5, I think.")]
+    targets = []
+    for it in items:
+        keep = it.response_token_indices()
+        m = len(keep)
+        targets.append(StudentTarget(keep, np.full(m, 1 / m), np.ones((m, m)), np.full(m, 0.95), 0.95,
+                                     np.ones(m, dtype=bool)))
+    fwd = RewardForward(rm.model, rm.head, rm.pad_token_id, rm.meta.reward_token_rule)
+    lora = [p for n, p in rm.model.named_parameters() if "lora_" in n]
+    opt = torch.optim.Adam(lora, lr=0.05)
+
+    def run() -> tuple[torch.Tensor, dict[str, float]]:
+        total, bt, _, _, parts = idrm_step_loss(fwd, rm, items, targets, layers, eta=1.0, align_queries=8,
+                                                mass_weight=1.0, gen=torch.Generator().manual_seed(0))
+        return total - bt, parts
+
+    first, parts0 = run()
+    assert {"kl_reward", "kl_rows", "mass"} <= set(parts0) and parts0["mass"] > 0
+    for _ in range(15):
+        opt.zero_grad()
+        loss, _ = run()
+        loss.backward()
+        opt.step()
+    _, parts1 = run()
+    assert parts1["mass"] < parts0["mass"]
+
+
+def test_teacher_gate_refuses_a_teacher_no_better_than_the_student(tiny_llama_dir: Path, tiny_teacher_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """Disjoint teacher pairs and the held-out check: an untrained tiny teacher is refused with the numbers, and with
+    the gate off the run records them."""
+    from rewardkit.training.idrm import teacher_data
+
+    data = tmp_path / "tb"
+    data.mkdir()
+    rows = _rows(24)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]), encoding="utf-8")
+    (data / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[16:]), encoding="utf-8")
+    base = dict(model=str(tiny_llama_dir), train_file=str(data), device="cpu", num_epochs=1, batch_size=4,
+                learning_rate=1e-3, disable_tqdm=True, max_length=64, seed=1, eta=1.0, align_layers=1,
+                max_train_pairs=6, teacher_model=str(tiny_teacher_dir), teacher_epochs=0, teacher_pairs=8,
+                teacher_exclude=6, teacher_val_pairs=8)
+    cfg = IdRMConfig(output_dir=str(tmp_path / "a"), teacher_min_gain=0.5, **base)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="teacher_min_gain"):
+        train_idrm(cfg)
+    res = train_idrm(IdRMConfig(output_dir=str(tmp_path / "b"), teacher_min_gain=-1, **base))  # type: ignore[arg-type]
+    rep = res.metrics["teacher"]
+    assert rep["teacher_disjoint"] is True and rep["teacher_pairs"] == 8 and rep["teacher_val_pairs"] == 8
+    assert rep["teacher_val_gain"] == pytest.approx(rep["teacher_val_accuracy"] - rep["student_val_accuracy"])
+    # the teacher's pairs are disjoint from the student's and from the excluded sample
+    from rewardkit.training.loop import load_pairs
+
+    student, _, _ = load_pairs(str(data), "train", 6, 1, 0.5)
+    t_train, t_val = teacher_data(IdRMConfig(output_dir="x", **base), [])  # type: ignore[arg-type]
+    keys = {json.dumps([p.prompt, p.chosen]) for p in student}
+    assert t_train is not None and len(t_train) == 8 and not keys & {json.dumps([p.prompt, p.chosen]) for p in t_train}
+    assert len(t_val) == 8
+    with pytest.raises(ValueError, match="teacher_pairs"):
+        teacher_data(IdRMConfig(output_dir="x", **{**base, "teacher_pairs": 12}), [])  # type: ignore[arg-type]

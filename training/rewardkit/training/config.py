@@ -270,6 +270,27 @@ class IdRMConfig(BTConfig):
                                  "response from the left (its end is kept, as the student's formatter does)")
     teacher_cache_dir: str = _f("", "cache teacher outputs here (safetensors); reused by runs with the same teacher, "
                                 "settings and texts")
+    teacher_pairs: int = _f(0, "pairs the teacher fine-tunes on: 0 = the student's own pairs; N = N other pairs of "
+                            "the train split, disjoint from the student's (seeded sample)")
+    teacher_exclude: int = _f(0, "with teacher_pairs: also keep out of the teacher's pairs the seeded sample of this "
+                              "many pairs that `rewardkit train bt --max-train-pairs N --seed S` draws (the starting "
+                              "model's own pairs)")
+    teacher_val_pairs: int = _f(200, "held-out pairs the teacher and the student's starting BT model are both scored "
+                                "on before training (0 = skip the check)")
+    teacher_val_file: str = _f("", "held-out pairs for that check (default: the train_file directory's "
+                               "validation_clean.jsonl, artifact-free, else its validation.jsonl)")
+    teacher_min_gain: float = _f(0.10, "refuse a teacher whose held-out accuracy is not at least this much above the "
+                                 "starting model's (negative = record it, never refuse)")
+    align_queries: int = _f(32, "response tokens per text whose own attention rows (over the response so far) are "
+                            "aligned as well as the reward token's (a seeded sample each step; 0 = the reward token "
+                            "only)")
+    mass_weight: float = _f(1.0, "weight of the attention-mass term: binary KL between the teacher's and the "
+                            "student's share of each aligned row on the response, so a sink cannot keep the mass "
+                            "(0 = off)")
+    target_control: str = _f("teacher", "what the student is aligned to: 'teacher', or a control: 'shuffled' (the "
+                             "teacher's targets under a seeded permutation of each response's tokens) or 'uniform' "
+                             "(uniform rows; the teacher's mass targets kept)",
+                             choices=("teacher", "shuffled", "uniform"))
 
     def validate(self) -> None:
         """BT's checks plus Id-RM's."""
@@ -287,3 +308,13 @@ class IdRMConfig(BTConfig):
             raise ValueError("teacher_epochs must be >= 0, teacher_lr > 0 and teacher_batch_size >= 1")
         if self.teacher_max_length < 16:
             raise ValueError(f"teacher_max_length must be >= 16, got {self.teacher_max_length}")
+        if min(self.teacher_pairs, self.teacher_val_pairs, self.align_queries, self.teacher_exclude) < 0:
+            raise ValueError("teacher_pairs, teacher_exclude, teacher_val_pairs and align_queries must be >= 0")
+        if self.mass_weight < 0:
+            raise ValueError(f"mass_weight must be >= 0, got {self.mass_weight}")
+        if self.target_control not in ("teacher", "shuffled", "uniform"):
+            raise ValueError(f"target_control must be 'teacher', 'shuffled' or 'uniform', got {self.target_control!r}")
+        if self.eta > 0 and self.teacher_val_pairs and not self.teacher_val_file and not Path(self.train_file).is_dir():
+            raise ValueError("teacher_val_pairs: the teacher's held-out check needs pairs the student does not train "
+                             "on: pass --teacher-val-file FILE, a testbed directory as --train-file, or "
+                             "--teacher-val-pairs 0 to skip the check")

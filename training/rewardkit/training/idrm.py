@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -58,7 +59,7 @@ from rewardkit.core.forward import pad_batch, reward_indices
 from rewardkit.core.loading import RewardModel
 from rewardkit.core.losses import bt_loss, pair_stats
 from rewardkit.training.config import IdRMConfig, parse_lora_layers
-from rewardkit.training.features import EncodedPair
+from rewardkit.training.features import EncodedPair, encode_pairs
 from rewardkit.training.loop import (
     RewardForward,
     TrainResult,
@@ -74,9 +75,11 @@ from rewardkit.training.loop import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IdRMConfig", "Teacher", "align_layer_indices", "attention_kl", "finetune_teacher", "idrm_step_loss",
-           "minilm_dir", "project_char_mass", "student_targets", "teacher_char_mass", "teacher_distributions",
-           "teacher_targets", "token_mass_to_chars", "train_idrm"]
+__all__ = ["IdRMConfig", "StudentTarget", "Teacher", "align_layer_indices", "attention_kl", "char_overlap",
+           "control_target", "finetune_teacher", "idrm_step_loss", "minilm_dir", "project_char_mass",
+           "row_kl_and_mass", "sample_queries", "student_row_targets", "student_targets", "teacher_accuracy",
+           "teacher_char_mass", "teacher_data", "teacher_distributions", "teacher_response_maps", "teacher_targets",
+           "token_mass_to_chars", "train_idrm"]
 
 
 
@@ -133,6 +136,95 @@ def student_targets(item: EncodedItem, char_mass: np.ndarray) -> tuple[list[int]
         raise ValueError(f"char_mass has {len(char_mass)} characters, the response has "
                          f"{item.response_end - item.response_start}")
     return keep, project_char_mass(char_mass, rel)
+
+
+@dataclasses.dataclass
+class StudentTarget:
+    """The teacher's targets for one encoded text, in the student's token positions.
+
+    ``idx`` (m,): the response token indices (sorted); ``dist`` (m,): the reward token's target distribution over
+    them; ``rows`` (m, m): row j is the teacher's attention of response token j over the response tokens (not yet
+    cut to the causal keys ``<= j``: :func:`row_kl_and_mass` does that); ``mass`` (m,): the teacher's share of token
+    j's attention on the response so far, among prompt + response so far; ``reward_mass``: the same for the reward
+    token; ``valid`` (m,): tokens usable as queries (they cover a teacher token, and their causal row has mass).
+    """
+
+    idx: list[int]
+    dist: np.ndarray
+    rows: np.ndarray
+    mass: np.ndarray
+    reward_mass: float
+    valid: np.ndarray
+
+    @classmethod
+    def empty(cls) -> StudentTarget:
+        return cls([], np.zeros(0), np.zeros((0, 0)), np.zeros(0), 0.0, np.zeros(0, dtype=bool))
+
+
+def char_overlap(student: Sequence[tuple[int, int]], teacher: Sequence[tuple[int, int]] | np.ndarray,
+                 length: int) -> np.ndarray:
+    """(m, n): characters of teacher token t covered by student token s (a character covered by several student
+    tokens is shared evenly among them, as in :func:`project_char_mass`)."""
+    cover = np.zeros(length + 1)
+    spans = [(max(0, a), min(length, b)) for a, b in student]
+    for a, b in spans:
+        if b > a:
+            cover[a] += 1
+            cover[b] -= 1
+    cover = np.cumsum(cover)[:length]
+    owner = np.full(length, -1, dtype=np.int64)  # the teacher token of each character (WordPiece spans are disjoint)
+    for t, (a, b) in enumerate(np.asarray(teacher).reshape(-1, 2).tolist()):
+        owner[max(0, a):min(length, b)] = t
+    n = len(np.asarray(teacher).reshape(-1, 2))
+    out = np.zeros((len(spans), n))
+    for j, (a, b) in enumerate(spans):
+        if b > a:
+            o, c = owner[a:b], cover[a:b]
+            keep = o >= 0
+            np.add.at(out[j], o[keep], 1.0 / c[keep])
+    return out
+
+
+def student_row_targets(item: EncodedItem, char_mass: np.ndarray, maps: dict[str, np.ndarray]) -> StudentTarget:
+    """The teacher's reward distribution (:func:`student_targets`) plus its response rows and masses, mapped onto
+    ``item``'s tokens by characters: a student query's row is the overlap-weighted mean of the teacher rows of the
+    teacher tokens it covers; a teacher key's mass is spread over its characters and collected by the student tokens
+    covering them. The causal cut (keys up to the query) is made in the student's positions."""
+    idx, dist = student_targets(item, char_mass)
+    m = len(idx)
+    length = item.response_end - item.response_start
+    t_off = maps["offsets"].reshape(-1, 2)
+    rel = [(item.offsets[i][0] - item.response_start, item.offsets[i][1] - item.response_start) for i in idx]
+    ov = char_overlap(rel, t_off, length)  # (m, n)
+    t_len = np.maximum(1, t_off[:, 1] - t_off[:, 0]).astype(np.float64)  # (n,)
+    q_sum = ov.sum(1)
+    qmap = np.divide(ov, q_sum[:, None], out=np.zeros_like(ov), where=q_sum[:, None] > 0)  # (m, n) rows sum to 1
+    kmap = (ov / t_len[None, :]).T  # (n, m): teacher key mass -> student keys
+    rows = qmap @ maps["rows"].reshape(len(t_off), len(t_off)) @ kmap if len(t_off) else np.zeros((m, m))
+    prompt = qmap @ maps["prompt"] if len(t_off) else np.zeros(m)
+    causal = np.tril(rows).sum(1)  # (m,) mass on the response so far
+    total = causal + prompt
+    mass = np.divide(causal, total, out=np.zeros(m), where=total > 0)
+    valid = (q_sum > 0) & (causal > 0)
+    return StudentTarget(idx, dist, rows, mass, float(maps["reward_mass"].reshape(-1)[0]), valid)
+
+
+def control_target(t: StudentTarget, control: str, rng: np.random.Generator) -> StudentTarget:
+    """The controls of :class:`IdRMConfig.target_control`: ``shuffled`` permutes the response's tokens (the reward
+    distribution, both axes of the rows, the masses and the query mask) with one seeded permutation, so the targets
+    keep their values and lose their places; ``uniform`` makes the distribution and every row uniform and keeps the
+    teacher's mass targets."""
+    m = len(t.idx)
+    if control == "teacher" or m == 0:
+        return t
+    if control == "shuffled":
+        pi = rng.permutation(m)
+        rows = t.rows[pi][:, pi]
+        return dataclasses.replace(t, dist=t.dist[pi], rows=rows, mass=t.mass[pi],
+                                   valid=t.valid[pi] & (np.tril(rows).sum(1) > 0))
+    if control == "uniform":
+        return dataclasses.replace(t, dist=np.full(m, 1.0 / m), rows=np.ones((m, m)))
+    raise ValueError(f"target_control: unknown control {control!r}")
 
 
 # ---------------------------------------------------------------------------------------------- teacher
@@ -213,13 +305,24 @@ class Teacher(nn.Module):
         return logits, att
 
 
-def _teacher_examples(teacher: Teacher, enc: Sequence[EncodedPair]) -> list[tuple[Any, ...]]:
-    """Both orders of every pair: (build, label, pair index, order)."""
+def _texts(ep: Any) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) as the teacher reads them, from an EncodedPair or a PreferencePair."""
+    if hasattr(ep, "chosen") and hasattr(ep.chosen, "response"):  # EncodedPair: the responses the student reads
+        return _prompt_text(ep.pair.prompt), ep.chosen.response, ep.rejected.response
+    return _prompt_text(ep.prompt), _last_content(ep.chosen), _last_content(ep.rejected)
+
+
+def _last_content(t: Any) -> str:
+    return str(t[-1].get("content", "")) if isinstance(t, list) else str(t)
+
+
+def _teacher_examples(teacher: Teacher, enc: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Both orders of every pair (EncodedPair or PreferencePair): (build, label, pair index, order)."""
     ex = []
     for i, ep in enumerate(enc):
-        p = _prompt_text(ep.pair.prompt)
-        ex.append((teacher.build(p, ep.chosen.response, ep.rejected.response), 1.0, i, 0))
-        ex.append((teacher.build(p, ep.rejected.response, ep.chosen.response), 0.0, i, 1))
+        p, c, r = _texts(ep)
+        ex.append((teacher.build(p, c, r), 1.0, i, 0))
+        ex.append((teacher.build(p, r, c), 0.0, i, 1))
     return ex
 
 
@@ -275,13 +378,43 @@ def teacher_char_mass(att: torch.Tensor, seg: Sequence[int], offsets: Sequence[t
     return out[0], out[1]
 
 
+def teacher_response_maps(att: torch.Tensor, seg: Sequence[int], offsets: Sequence[tuple[int, int]]
+                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """What the response-row alignment needs from one ``[P;A;B]`` input's attention ``att`` (T, T), for A and for B.
+
+    Per response (``n`` own tokens): ``offsets`` (n, 2) within the response string; ``rows`` (n, n): the attention
+    each own token pays to each own token; ``prompt`` (n,): the mass each own token puts on the prompt's tokens;
+    ``reward_mass`` (1,): the share of [CLS]'s attention on the response among prompt + response (the special tokens
+    and the other response left out: the student sees neither).
+    """
+    seg_t = torch.tensor(list(seg)[:att.shape[0]])
+    p_pos = (seg_t == 0).nonzero().squeeze(-1)
+    out = []
+    for own in (1, 2):
+        pos = (seg_t == own).nonzero().squeeze(-1)
+        a = att.double()
+        rows = a[pos][:, pos]
+        prompt = a[pos][:, p_pos].sum(-1) if len(p_pos) else torch.zeros(len(pos), dtype=torch.float64)
+        cls_own, cls_p = float(a[0, pos].sum()), float(a[0, p_pos].sum()) if len(p_pos) else 0.0
+        share = cls_own / (cls_own + cls_p) if cls_own + cls_p > 0 else 0.0
+        out.append({"offsets": np.array([offsets[int(i)] for i in pos], dtype=np.int64).reshape(-1, 2),
+                    "rows": rows.numpy(), "prompt": prompt.numpy(), "reward_mass": np.array([share])})
+    return out[0], out[1]
+
+
 @torch.no_grad()
 def teacher_distributions(teacher: Teacher, examples: Sequence[tuple[Any, ...]], enc: Sequence[EncodedPair],
-                          batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(chosen char mass, rejected char mass) per pair, each the mean of the two input orders."""
+                          batch_size: int = 16, maps: list[list[dict[str, np.ndarray]]] | None = None
+                          ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(chosen char mass, rejected char mass) per pair, each the mean of the two input orders.
+
+    With ``maps`` (an empty list), also fills it with ``[chosen maps, rejected maps]`` per pair
+    (:func:`teacher_response_maps`, the two orders averaged).
+    """
     teacher.eval()
     acc: list[list[np.ndarray]] = [[np.zeros(len(ep.chosen.response)), np.zeros(len(ep.rejected.response))]
                                    for ep in enc]
+    got: list[list[dict[str, np.ndarray] | None]] = [[None, None] for _ in enc]
     for s in range(0, len(examples), batch_size):
         b = examples[s:s + batch_size]
         _, att = teacher([e[0] for e in b], attentions=True)
@@ -295,50 +428,99 @@ def teacher_distributions(teacher: Teacher, examples: Sequence[tuple[Any, ...]],
             cm, rm_ = (ma, mb) if order == 0 else (mb, ma)
             acc[i][0] += 0.5 * cm
             acc[i][1] += 0.5 * rm_
+            if maps is not None:
+                xa, xb = teacher_response_maps(att[r, :n, :n], build[3], build[2])
+                for side, m in enumerate((xa, xb) if order == 0 else (xb, xa)):
+                    prev = got[i][side]
+                    got[i][side] = m if prev is None else {  # both orders tokenise each response the same way
+                        "offsets": m["offsets"], **{k: 0.5 * (prev[k] + m[k]) for k in ("rows", "prompt", "reward_mass")}}
+    if maps is not None:
+        maps.extend([[g[0], g[1]] for g in got])  # type: ignore[list-item]
     return [(a[0], a[1]) for a in acc]
 
 
-def _teacher_key(cfg: IdRMConfig, path: Path, enc: Sequence[EncodedPair]) -> str:
+@torch.no_grad()
+def teacher_accuracy(teacher: Teacher, examples: Sequence[tuple[Any, ...]], batch_size: int = 16) -> float:
+    """Pairwise accuracy of the teacher's head on ``examples`` (both orders of each pair, from
+    :func:`_teacher_examples`): a pair is right when ``logit(c, r) > logit(r, c)``; a tie counts half."""
+    teacher.eval()
+    logit: dict[tuple[int, int], float] = {}
+    for s in range(0, len(examples), batch_size):
+        b = examples[s:s + batch_size]
+        lg, _ = teacher([e[0] for e in b])
+        for e, v in zip(b, lg.tolist(), strict=True):
+            logit[(e[2], e[3])] = v
+    pairs = {i for i, _ in logit}
+    d = [logit[(i, 0)] - logit[(i, 1)] for i in pairs]
+    return sum(1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in d) / max(1, len(d))
+
+
+def _teacher_key(cfg: IdRMConfig, path: Path, enc: Sequence[EncodedPair], train: Sequence[Any],
+                 val: Sequence[Any]) -> str:
     h = hashlib.sha256()
     st = path / "model.safetensors"
-    h.update(json.dumps(["mean-diff-head", str(path.resolve()), st.stat().st_size if st.is_file() else 0, cfg.teacher_epochs,
-                         cfg.teacher_lr, cfg.teacher_batch_size, cfg.teacher_max_length, cfg.seed]).encode())
-    for ep in enc:
-        h.update(json.dumps([_prompt_text(ep.pair.prompt), ep.chosen.response, ep.rejected.response]).encode())
+    h.update(json.dumps(["mean-diff-head-v2-rows", str(path.resolve()), st.stat().st_size if st.is_file() else 0,
+                         cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size, cfg.teacher_max_length,
+                         cfg.seed]).encode())
+    for group in (enc, ["--train--"], train, ["--val--"], val):
+        for ep in group:
+            h.update(json.dumps(list(_texts(ep)) if not isinstance(ep, str) else ep).encode())
     return h.hexdigest()[:20]
 
 
-def teacher_targets(cfg: IdRMConfig, enc: Sequence[EncodedPair]) -> tuple[list[tuple[np.ndarray, np.ndarray]],
-                                                                         dict[str, Any]]:
-    """Teacher char masses per pair (cached), and a report (fine-tuning stats, seconds, cache hit)."""
+_MAP_KEYS = ("offsets", "rows", "prompt", "reward_mass")
+
+
+def teacher_targets(cfg: IdRMConfig, enc: Sequence[EncodedPair], train: Sequence[Any] | None = None,
+                    val: Sequence[Any] = ()) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, Any],
+                                                      list[list[dict[str, np.ndarray]]]]:
+    """Teacher char masses and response maps per pair of ``enc`` (cached), and a report (fine-tuning stats,
+    held-out accuracy on ``val``, seconds, cache hit). The teacher fine-tunes on ``train`` (default: ``enc``)."""
     path = Path(cfg.teacher_model) if cfg.teacher_model else minilm_dir()
+    train = enc if train is None else train
     cache = None
     if cfg.teacher_cache_dir:
-        cache = Path(cfg.teacher_cache_dir) / f"teacher-{_teacher_key(cfg, path, enc)}.safetensors"
+        key = _teacher_key(cfg, path, enc, [] if train is enc else train, val)
+        cache = Path(cfg.teacher_cache_dir) / f"teacher-{key}.safetensors"
         if cache.is_file():
             from safetensors.torch import load_file
 
             t = load_file(str(cache))
             rep = json.loads(t.pop("__report__").numpy().tobytes().decode()) if "__report__" in t else {}
             out = [(t[f"c{i}"].double().numpy(), t[f"r{i}"].double().numpy()) for i in range(len(enc))]
-            return out, {**rep, "cache_hit": True}
+            maps = [[{k: t[f"{side}{k}{i}"].numpy().astype(np.int64 if k == "offsets" else np.float64)
+                      for k in _MAP_KEYS} for side in ("c_", "r_")] for i in range(len(enc))]
+            return out, {**rep, "cache_hit": True}, maps
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     teacher = Teacher(path, cfg.teacher_max_length)
-    examples = _teacher_examples(teacher, enc)
-    report: dict[str, Any] = {"teacher": str(path), "teacher_finetuned": cfg.teacher_epochs > 0}
+    report: dict[str, Any] = {"teacher": str(path), "teacher_finetuned": cfg.teacher_epochs > 0,
+                              "teacher_pairs": len(train), "teacher_disjoint": train is not enc}
     if cfg.teacher_epochs > 0:
-        report.update(finetune_teacher(teacher, examples, cfg))
+        report.update(finetune_teacher(teacher, _teacher_examples(teacher, train), cfg))
+    if val:
+        report["teacher_val_accuracy"] = teacher_accuracy(teacher, _teacher_examples(teacher, val),
+                                                          cfg.teacher_batch_size)
+        report["teacher_val_pairs"] = len(val)
+    maps: list[list[dict[str, np.ndarray]]] = []
     # float32, as the cache stores them, so a cached run trains on exactly the same targets
     out = [(c.astype(np.float32).astype(np.float64), r.astype(np.float32).astype(np.float64))
-           for c, r in teacher_distributions(teacher, examples, enc, cfg.teacher_batch_size)]
+           for c, r in teacher_distributions(teacher, _teacher_examples(teacher, enc), enc, cfg.teacher_batch_size,
+                                             maps=maps)]
+    maps = [[{k: (m[k].astype(np.int64) if k == "offsets" else m[k].astype(np.float32).astype(np.float64))
+              for k in _MAP_KEYS} for m in side] for side in maps]
     report["teacher_seconds"] = round(time.time() - t0, 1)
     if cache is not None:
         tensors = {f"c{i}": torch.from_numpy(c.astype(np.float32)) for i, (c, _) in enumerate(out)}
         tensors.update({f"r{i}": torch.from_numpy(r.astype(np.float32)) for i, (_, r) in enumerate(out)})
+        for i, (mc, mr) in enumerate(maps):
+            for side, m in (("c_", mc), ("r_", mr)):
+                for k in _MAP_KEYS:
+                    v = m[k].astype(np.int32 if k == "offsets" else np.float32)
+                    tensors[f"{side}{k}{i}"] = torch.from_numpy(np.ascontiguousarray(v))
         tensors["__report__"] = torch.frombuffer(bytearray(json.dumps(report).encode()), dtype=torch.uint8)
         ckpt.atomic_save_safetensors(tensors, cache)
-    return out, {**report, "cache_hit": False}
+    return out, {**report, "cache_hit": False}, maps
 
 
 # ---------------------------------------------------------------------------------------------- student
@@ -374,19 +556,141 @@ def align_layer_indices(rm: RewardModel, k: int) -> list[int]:
     return list(range(n - k, n))
 
 
+def sample_queries(targets: Sequence[StudentTarget], k: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, Q) query positions: up to ``k`` of each text's valid response tokens, a sample from ``gen``; -1 pads."""
+    picks = []
+    for t in targets:
+        cand = [j for j, v in enumerate(t.valid) if v]
+        if len(cand) > k:
+            sel = torch.randperm(len(cand), generator=gen)[:k].tolist()
+            cand = sorted(cand[i] for i in sel)
+        picks.append(cand)
+    q = max(1, max((len(c) for c in picks), default=1))
+    out = torch.full((len(targets), q), -1, dtype=torch.long)
+    for b, c in enumerate(picks):
+        out[b, :len(c)] = torch.tensor([targets[b].idx[j] for j in c], dtype=torch.long)
+    return out
+
+
+def _binary_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(Bernoulli(p) || Bernoulli(q)), elementwise."""
+    q = q.clamp(1e-6, 1 - 1e-6)
+    p = p.clamp(0.0, 1.0)
+    return (torch.where(p > 0, p * (torch.log(p.clamp(min=1e-12)) - torch.log(q)), 0.0)
+            + torch.where(p < 1, (1 - p) * (torch.log((1 - p).clamp(min=1e-12)) - torch.log(1 - q)), 0.0))
+
+
+def row_kl_and_mass(rows: torch.Tensor, queries: torch.Tensor, targets: Sequence[StudentTarget]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the sampled response queries: mean KL(teacher row || student row), both cut to the response keys up to the
+    query and renormalised, and the binary KL of their mass on those keys (the student's share of its whole row,
+    sinks and template included, against the teacher's share among prompt + response). ``rows`` (B, Q, T) from
+    :meth:`AttentionCapture.mean_query_rows`. Returns (KL mean, mass-KL sum, number of rows)."""
+    b_, q_, t_ = rows.shape
+    p = torch.zeros(b_, q_, t_, dtype=torch.float32, device=rows.device)
+    keys = torch.zeros(b_, q_, t_, dtype=torch.bool, device=rows.device)
+    m_t = torch.zeros(b_, q_, dtype=torch.float32, device=rows.device)
+    for b, t in enumerate(targets):
+        pos = {i: j for j, i in enumerate(t.idx)}
+        for qi, i in enumerate(queries[b].tolist()):
+            if i < 0:
+                continue
+            j = pos[i]
+            row = t.rows[j, :j + 1]
+            p[b, qi, t.idx[:j + 1]] = torch.from_numpy((row / row.sum()).astype(np.float32)).to(rows.device)
+            keys[b, qi, t.idx[:j + 1]] = True
+            m_t[b, qi] = float(t.mass[j])
+    used = queries.to(rows.device) >= 0  # (B, Q)
+    if not bool(used.any()):
+        z = rows.sum() * 0.0
+        return z, z, z.detach()
+    on = (rows.float() * keys).sum(-1)  # (B, Q) the student's mass on those keys
+    qd = rows.float() * keys / on[..., None].clamp(min=1e-30)
+    kl = torch.where(p > 0, p * (torch.log(p.clamp(min=1e-30)) - torch.log(qd.clamp(min=1e-30))), 0.0).sum(-1)
+    mass = _binary_kl(m_t, on)
+    return kl[used].mean(), mass[used].sum(), used.sum().float()
+
+
 def idrm_step_loss(fwd: RewardForward, rm: RewardModel, items: Sequence[EncodedItem],
-                   targets: Sequence[tuple[list[int], np.ndarray]], layers: Sequence[int], eta: float,
-                   center: float = 0.0, margin: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch: ``items`` = chosen then rejected (2B). Returns (total loss, BT loss, KL, rewards (2B,))."""
+                   targets: Sequence[StudentTarget], layers: Sequence[int], eta: float,
+                   center: float = 0.0, margin: torch.Tensor | None = None, align_queries: int = 0,
+                   mass_weight: float = 0.0, gen: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One batch: ``items`` = chosen then rejected (2B). Returns (total loss, BT loss, alignment KL (reward row + the
+    response rows), rewards (2B,), parts)."""
     ids, mask, pos = pad_batch(items, rm.pad_token_id, "right", rm.device)
     idx = reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)  # (2B,)
-    with capture(layers, idx) as cap:
+    queries = (sample_queries(targets, align_queries, gen or torch.Generator().manual_seed(0))
+               if eta > 0 and align_queries > 0 else None)
+    with capture(layers, idx, queries=queries) as cap:
         r = fwd(ids, mask, pos)  # (2B,)
     half = len(items) // 2
     bt = bt_loss(r[:half], r[half:], margin, center or None)
-    kl = attention_kl(cap.mean_row(), targets) if eta > 0 else r.new_zeros(())
-    return bt + eta * kl, bt, kl, r
+    parts: dict[str, float] = {}
+    if eta <= 0:
+        return bt, bt, r.new_zeros(()), r, parts
+    row = cap.mean_row()
+    kl = attention_kl(row, [(t.idx, t.dist) for t in targets])
+    parts["kl_reward"] = float(kl.detach())
+    mass_sum, mass_n = row.new_zeros(()), 0.0
+    if mass_weight > 0:  # the reward token's own share of mass on the response
+        live = [b for b, t in enumerate(targets) if len(t.idx) and t.dist.sum() > 0]
+        if live:
+            on = torch.stack([row[b, targets[b].idx].sum() for b in live])
+            m_t = torch.tensor([targets[b].reward_mass for b in live], dtype=torch.float32, device=row.device)
+            mass_sum, mass_n = _binary_kl(m_t, on.float()).sum(), float(len(live))
+    if queries is not None:
+        kl_rows, m_rows, n_rows = row_kl_and_mass(cap.mean_query_rows(), queries, targets)
+        kl = kl + kl_rows
+        parts["kl_rows"] = float(kl_rows.detach())
+        if mass_weight > 0:
+            mass_sum, mass_n = mass_sum + m_rows, mass_n + float(n_rows)
+    mass = mass_sum / max(1.0, mass_n)
+    if mass_weight > 0:
+        parts["mass"] = float(mass.detach())
+    return bt + eta * (kl + mass_weight * mass), bt, kl, r, parts
+
+
+def _pair_key(p: Any) -> str:
+    return json.dumps([p.prompt, p.chosen, p.rejected], sort_keys=True, default=str)
+
+
+def teacher_data(cfg: IdRMConfig, run_enc: Sequence[EncodedPair]) -> tuple[list[Any] | None, list[Any]]:
+    """(the teacher's fine-tuning pairs, or None for the student's own; the held-out check's pairs)."""
+    from rewardkit.training.data import load_preferences
+    from rewardkit.training.loop import load_pairs
+
+    train = None
+    if cfg.teacher_pairs:
+        everything, _, _ = load_pairs(cfg.train_file, "train", 0, cfg.seed, cfg.max_drop_fraction)
+        taken = {_pair_key(ep.pair) for ep in run_enc}
+        if cfg.teacher_exclude:  # the seeded sample another trainer drew (the starting model's pairs): kept out too
+            other, _, _ = load_pairs(cfg.train_file, "train", cfg.teacher_exclude, cfg.seed, cfg.max_drop_fraction)
+            taken |= {_pair_key(p) for p in other}
+        rest = [p for p in everything if _pair_key(p) not in taken]
+        if len(rest) < cfg.teacher_pairs:
+            raise ValueError(f"teacher_pairs: {cfg.teacher_pairs} pairs disjoint from the student's were asked for, "
+                             f"the train split has {len(rest)} left after the student's {len(run_enc)}")
+        import random
+
+        train = random.Random(f"rewardkit-idrm-teacher:{cfg.seed}").sample(rest, cfg.teacher_pairs)
+    val: list[Any] = []
+    if cfg.teacher_val_pairs:
+        from rewardkit.training.config import resolve_split
+
+        if cfg.teacher_val_file:
+            file = Path(cfg.teacher_val_file)
+        else:  # artifact-free held-out pairs when the testbed has them: a teacher must read answers, not artifacts
+            clean = Path(cfg.train_file) / "validation_clean.jsonl"
+            file = clean if clean.is_file() else resolve_split(cfg.train_file, "validation")
+        pairs, _ = load_preferences(file, max_drop_fraction=cfg.max_drop_fraction)
+        if len(pairs) > cfg.teacher_val_pairs:
+            import random
+
+            pairs = random.Random(f"rewardkit-idrm-val:{cfg.seed}").sample(pairs, cfg.teacher_val_pairs)
+        taken = {_pair_key(ep.pair) for ep in run_enc} | {_pair_key(p) for p in (train or [])}
+        val = [p for p in pairs if _pair_key(p) not in taken]
+    return train, val
 
 
 def train_idrm(cfg: IdRMConfig, command: str | None = None) -> TrainResult:
@@ -399,17 +703,39 @@ def train_idrm(cfg: IdRMConfig, command: str | None = None) -> TrainResult:
         run.run_log.write(event="layers", align_layers=layers, lora_layers=lora_layers or "all")
         t_teacher = time.time()
         if cfg.eta > 0:
-            masses, teacher_report = teacher_targets(cfg, enc)
-            targets = [(student_targets(ep.chosen, c), student_targets(ep.rejected, r))
-                       for ep, (c, r) in zip(enc, masses, strict=True)]
+            t_train, t_val = teacher_data(cfg, enc)
+            masses, teacher_report, maps = teacher_targets(cfg, enc, t_train, t_val)
+            if t_val:  # the held-out check: the teacher must beat the student's starting model there
+                v_enc, _ = encode_pairs(t_val, run.fmt, max_drop_fraction=1.0)
+                v_raw = raw_rewards(rm, v_enc, cfg.feature_batch_tokens)
+                d = v_raw[:len(v_enc)] - v_raw[len(v_enc):]
+                student_acc = float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
+                teacher_report["student_val_accuracy"] = student_acc
+                gain = teacher_report["teacher_val_accuracy"] - student_acc
+                teacher_report["teacher_val_gain"] = gain
+                log.info("teacher held-out accuracy %.3f, starting model %.3f (%d pairs)",
+                         teacher_report["teacher_val_accuracy"], student_acc, len(t_val))
+                if cfg.teacher_min_gain >= 0 and gain < cfg.teacher_min_gain:
+                    run.run_log.write(event="teacher_refused", **teacher_report)
+                    raise ValueError(
+                        f"teacher_min_gain: the teacher's held-out accuracy {teacher_report['teacher_val_accuracy']:.3f}"
+                        f" is {gain:+.3f} against the starting model's {student_acc:.3f} on {len(t_val)} pairs, below "
+                        f"the required {cfg.teacher_min_gain:+.3f}: give it more pairs (--teacher-pairs, "
+                        "--teacher-epochs) or a stronger --teacher-model, or pass --teacher-min-gain -1 to train anyway")
+            rng = np.random.default_rng(cfg.seed)
+            targets = [(control_target(student_row_targets(ep.chosen, c, mc), cfg.target_control, rng),
+                        control_target(student_row_targets(ep.rejected, r, mr), cfg.target_control, rng))
+                       for ep, (c, r), (mc, mr) in zip(enc, masses, maps, strict=True)]
+            teacher_report["target_control"] = cfg.target_control
         else:  # eta = 0 is plain BT with the same adapters: no teacher at all
             teacher_report = {"teacher": None}
-            targets = [(([], np.zeros(0)), ([], np.zeros(0))) for _ in enc]
+            targets = [(StudentTarget.empty(), StudentTarget.empty()) for _ in enc]
         t_teacher = time.time() - t_teacher
         run.run_log.write(event="teacher", seconds=round(t_teacher, 1), **teacher_report)
         set_seed(cfg.seed)  # the adapters' init must not depend on whether the teacher ran or came from the cache
         peft_model = setup_trainable(cfg, rm, lora_layers)
         fwd = run.accelerator.prepare(RewardForward(rm.model, rm.head, rm.pad_token_id, rm.meta.reward_token_rule))
+        gen = torch.Generator().manual_seed(cfg.seed)  # which response rows each step aligns
 
         def step(b: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
             items = [enc[i].chosen for i in b] + [enc[i].rejected for i in b]
@@ -417,9 +743,10 @@ def train_idrm(cfg: IdRMConfig, command: str | None = None) -> TrainResult:
             margin = None
             if any(enc[i].pair.margin is not None for i in b):
                 margin = torch.tensor([enc[i].pair.margin or 0.0 for i in b], device=rm.device)
-            loss, bt, kl, r = idrm_step_loss(fwd, rm, items, tg, layers, cfg.eta, cfg.center_rewards_coefficient,
-                                             margin)
-            return loss, {"bt_loss": float(bt.detach()), "kl": float(kl.detach()),
+            loss, bt, kl, r, parts = idrm_step_loss(fwd, rm, items, tg, layers, cfg.eta,
+                                                    cfg.center_rewards_coefficient, margin, cfg.align_queries,
+                                                    cfg.mass_weight, gen)
+            return loss, {"bt_loss": float(bt.detach()), "kl": float(kl.detach()), **parts,
                           **pair_stats(r[:len(b)].detach(), r[len(b):].detach())}
 
         steps, last, sec_epoch = optimise(cfg, run.accelerator, fwd, step, len(enc), run.run_log, "train idrm",
@@ -427,11 +754,16 @@ def train_idrm(cfg: IdRMConfig, command: str | None = None) -> TrainResult:
         raw = raw_rewards(rm, enc, cfg.feature_batch_tokens)
         metrics: dict[str, Any] = {
             "train_bt_loss_last": last.get("bt_loss"), "train_kl_last": last.get("kl"), "eta": cfg.eta,
+            "train_kl_reward_last": last.get("kl_reward"), "train_kl_rows_last": last.get("kl_rows"),
+            "train_mass_last": last.get("mass"), "align_queries": cfg.align_queries, "mass_weight": cfg.mass_weight,
+            "target_control": cfg.target_control,
             "align_layers": layers, "lora_layers": lora_layers or "all", "teacher": teacher_report,
             "seconds_teacher": round(t_teacher, 1), "seconds_per_epoch": round(sec_epoch, 2),
         }
         return finish_run(run, raw, peft_model, command, steps, last, metrics,
                           description=f"Id-RM reward model ({cfg.mode}, eta={cfg.eta}, K={cfg.align_layers}) trained "
                                       "by rewardkit train idrm",
-                          provenance={"eta": cfg.eta, "align_layers": layers, "lora_layers": lora_layers or "all",
+                          provenance={"eta": cfg.eta, "align_layers": layers, "align_queries": cfg.align_queries,
+                                      "mass_weight": cfg.mass_weight, "target_control": cfg.target_control,
+                                      "lora_layers": lora_layers or "all",
                                       "teacher": teacher_report})

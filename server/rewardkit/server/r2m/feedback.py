@@ -33,7 +33,9 @@ CONSUMER = "updater"
 
 @dataclass
 class FeedbackSample:
-    """One rollout's feedback: group (prompt) id, index in the group, round t, and both hidden states."""
+    """One rollout's feedback: group (prompt) id, index in the group, round t, both hidden states, and the RM's fixed
+    LL term (``ll_weight`` x the response's mean log-likelihood, 0 for a model without one): GREBT trains on
+    ``head(h) + ll_term``, the reward that is served."""
 
     group_id: str
     index: int
@@ -41,6 +43,7 @@ class FeedbackSample:
     group_size: int
     h_last: np.ndarray  # (D_rm,) float32
     hidden: np.ndarray  # (S, D_p) float16 or float32
+    ll_term: float = 0.0
 
     @property
     def key(self) -> str:
@@ -49,7 +52,8 @@ class FeedbackSample:
 
     def to_fields(self) -> dict[str, bytes]:
         meta = {"group_id": self.group_id, "index": self.index, "round": self.round, "group_size": self.group_size,
-                "dtype": str(self.hidden.dtype), "shape": list(self.hidden.shape), "d_rm": int(self.h_last.shape[0])}
+                "dtype": str(self.hidden.dtype), "shape": list(self.hidden.shape), "d_rm": int(self.h_last.shape[0]),
+                "ll_term": float(self.ll_term)}
         return {"kind": b"sample", "meta": json.dumps(meta).encode(),
                 "h_last": np.ascontiguousarray(self.h_last, dtype="<f4").tobytes(),
                 "hidden": np.ascontiguousarray(self.hidden, dtype=self.hidden.dtype.newbyteorder("<")).tobytes()}
@@ -61,7 +65,8 @@ class FeedbackSample:
         hidden = np.frombuffer(f[b"hidden"], dtype=dt).reshape(meta["shape"])
         h_last = np.frombuffer(f[b"h_last"], dtype="<f4").reshape(meta["d_rm"])
         return cls(group_id=meta["group_id"], index=int(meta["index"]), round=int(meta["round"]),
-                   group_size=int(meta["group_size"]), h_last=h_last, hidden=hidden)
+                   group_size=int(meta["group_size"]), h_last=h_last, hidden=hidden,
+                   ll_term=float(meta.get("ll_term", 0.0)))  # records queued before the field: 0
 
     @property
     def nbytes(self) -> int:

@@ -91,7 +91,8 @@ class R2MService:
         self.updater = updater
         self.queue = queue
         self.d_policy = d_policy
-        self._h_cache: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()  # item_key -> (H_last (D_rm,), RM reward)
+        # item_key -> (H_last (D_rm,), RM reward, the RM's fixed LL term ll_weight * ll)
+        self._h_cache: OrderedDict[str, tuple[np.ndarray, float, float]] = OrderedDict()
         self._h_cache_max = 65536
         self.frames_ingested = 0
         self.bytes_ingested = 0
@@ -119,10 +120,13 @@ class R2MService:
             raise FrameError("the frame names no item: send header.item (or prompt+response, reward_text) or "
                              "header.rm_item_key", f.frame_index, "header.item")
 
-    async def _h_last(self, frames: Sequence[Frame]) -> tuple[list[np.ndarray], list[float], list[str]]:
-        """H_last per frame (from the cache by key, else one model-worker call for the rest), RM rewards, keys."""
+    async def _h_last(self, frames: Sequence[Frame]) -> tuple[list[np.ndarray], list[float], list[str], list[float]]:
+        """H_last per frame (from the cache by key, else one model-worker call for the rest), RM rewards, keys, and
+        the RM's LL term per frame (``ll_weight`` x the response's mean log-likelihood; 0 for a model without one):
+        the part of the RM's reward that does not come from the head, so the R2M reward adds it too."""
         out: list[np.ndarray | None] = [None] * len(frames)
         rm_rewards: list[float] = [0.0] * len(frames)
+        ll_terms: list[float] = [0.0] * len(frames)
         keys: list[str] = [""] * len(frames)
         todo: list[int] = []
         items: list[ScoreItem] = []
@@ -134,7 +138,7 @@ class R2MService:
                 if hit is None:
                     raise FrameError(f"unknown rm_item_key {ref!r} (expired or never scored here): send the item",
                                      f.frame_index, "header.rm_item_key")
-                (out[i], rm_rewards[i]), keys[i] = hit, str(ref)
+                (out[i], rm_rewards[i], ll_terms[i]), keys[i] = hit, str(ref)
                 continue
             todo.append(i)
             items.append(item)
@@ -149,7 +153,7 @@ class R2MService:
                 keys[i] = cache_key(enc.text, enc.input_ids)
                 hit = self._h_cache.get(keys[i])
                 if hit is not None:
-                    out[i], rm_rewards[i] = hit
+                    out[i], rm_rewards[i], ll_terms[i] = hit
                 else:
                     to_score.append(j)
             if to_score:
@@ -159,15 +163,16 @@ class R2MService:
                     assert sc.hidden is not None
                     out[i] = sc.hidden.float().numpy()
                     rm_rewards[i] = float(sc.reward)
-                    self._remember(keys[i], out[i], rm_rewards[i])
+                    ll_terms[i] = float(self.svc.rm.meta.ll_weight) * float(sc.ll) if sc.ll is not None else 0.0
+                    self._remember(keys[i], out[i], rm_rewards[i], ll_terms[i])
         result = [h for h in out if h is not None]
         assert len(result) == len(frames)
-        return result, rm_rewards, keys
+        return result, rm_rewards, keys, ll_terms
 
-    def _remember(self, key: str, h: np.ndarray | None, rm_reward: float) -> None:
+    def _remember(self, key: str, h: np.ndarray | None, rm_reward: float, ll_term: float = 0.0) -> None:
         if h is None:
             return
-        self._h_cache[key] = (h, rm_reward)
+        self._h_cache[key] = (h, rm_reward, ll_term)
         self._h_cache.move_to_end(key)
         while len(self._h_cache) > self._h_cache_max:
             self._h_cache.popitem(last=False)
@@ -252,7 +257,7 @@ class R2MService:
             good.append(f)
         while good:
             try:
-                h_last, _, _ = await self._h_last(good)
+                h_last, _, _, ll_terms = await self._h_last(good)
                 break
             except (InputError, BadRequest) as exc:  # find the bad frame: keep the ones before it
                 if len(good) == 1:
@@ -266,7 +271,8 @@ class R2MService:
         default_k = self.settings.r2m_group_size
         samples = [FeedbackSample(group_id=f.group_id, index=f.index, round=f.round,
                                   group_size=int(f.header.get("group_size", default_k)), h_last=h,
-                                  hidden=self._policy_hidden(f)) for f, h in zip(good, h_last, strict=True)]
+                                  hidden=self._policy_hidden(f), ll_term=ll)
+                   for f, h, ll in zip(good, h_last, ll_terms, strict=True)]
         try:
             self._check_pending(len(samples), sum(x.hidden.nbytes + x.h_last.nbytes for x in samples),
                                 len({x.key for x in samples}))
@@ -353,8 +359,8 @@ class R2MService:
         dec.close()
         if not frames:
             raise BadRequest("the stream holds no frame", "body")
-        h_last, rm_rewards, keys = await self._h_last(frames)
-        raw = await torch_thread.run(self._score_head, active, frames, h_last)
+        h_last, rm_rewards, keys, ll_terms = await self._h_last(frames)
+        raw = await torch_thread.run(self._score_head, active, frames, h_last, ll_terms)
         bad = [i for i, v in enumerate(raw) if not np.isfinite(v)]
         if bad:  # never answer 200 with a null reward
             f = frames[bad[0]]
@@ -373,8 +379,9 @@ class R2MService:
 
     @staticmethod
     @torch.inference_mode()
-    def _score_head(active: ActiveHead, frames: Sequence[Frame], h_last: Sequence[np.ndarray]) -> list[float]:
-        """Raw R2M rewards, batched per distinct w (frames of one round share it)."""
+    def _score_head(active: ActiveHead, frames: Sequence[Frame], h_last: Sequence[np.ndarray],
+                    ll_terms: Sequence[float] | None = None) -> list[float]:
+        """Raw R2M rewards (the head's, plus the RM's LL term), batched per distinct w (frames of one round share it)."""
         cfg = active.head.cfg
         ws = [mix_weight(f.round, cfg.total_rounds, cfg.omega) for f in frames]
         out = [0.0] * len(frames)
@@ -385,7 +392,7 @@ class R2MService:
             hl, hid, mask = collate(samples)
             r = active.head(hl, hid, mask, w=w).float().tolist()  # (B,)
             for i, v in zip(idx, r, strict=True):
-                out[i] = v
+                out[i] = v + (ll_terms[i] if ll_terms is not None else 0.0)
         return out
 
 

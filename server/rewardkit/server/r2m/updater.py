@@ -246,7 +246,8 @@ class R2MUpdater:
             opt = make_optimizer(head)
             if self._opt_state is not None and self._opt_base == base.number:
                 opt.load_state_dict(self._opt_state)
-            batch = R2MBatch(h_last, hidden, mask, group_ids)
+            offset = torch.tensor([float(x.ll_term) for x in samples], dtype=torch.float32)
+            batch = R2MBatch(h_last, hidden, mask, group_ids, offset if bool(offset.any()) else None)
             stats: dict[str, float] = {}
             ok = True
             for _ in range(self.steps_per_update):

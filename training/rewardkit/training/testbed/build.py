@@ -37,6 +37,7 @@ GENERATOR_VERSION = "1"
 SPLITS: dict[str, str] = {
     "train": "mixed",
     "validation": "mixed",
+    "validation_clean": "clean",  # held-out pairs with no artifacts: for checks (Id-RM's teacher), not for reporting
     "test": "mixed",
     "test_flip_length": "flip:length",
     "test_flip_boilerplate": "flip:boilerplate",
@@ -100,7 +101,7 @@ class TestbedConfig:
 
     def split_size(self, split: str) -> int:
         """Rows in ``split``."""
-        return {"train": self.n_train, "validation": self.n_val}.get(split, self.n_test)
+        return {"train": self.n_train, "validation": self.n_val, "validation_clean": self.n_val}.get(split, self.n_test)
 
 
 def _plan_artifacts(rng: random.Random, mode: str, cfg: TestbedConfig) -> dict[str, ArtifactPlan]:
