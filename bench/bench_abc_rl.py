@@ -148,6 +148,80 @@ def train_rm(tmp: Path, n_pairs: int, max_len: int, seed: int, epochs: float = 3
     return out, info
 
 
+def words_of(text: str) -> list[int]:
+    return [VOCAB.index(w) for w in text.split(" ")]
+
+
+def attention_spans(text: str, reward: float) -> list[list[float]]:
+    """The reward token's target for ``text``: the words that make its (normalised) reward what it is. ABC gives a
+    token a_t * R with a_t >= 0, so a faithful split puts the mass on the words that raise the reward when R >= 0
+    (the correct ones) and on those that lower it when R < 0 (the incorrect ones)."""
+    w = words_of(text)
+    _, spans = text_and_spans(w)
+    ok = correct(w)
+    keep = [sp for sp, c in zip(spans, ok, strict=True) if c == (reward >= 0)]
+    return [[a, b, 1.0] for a, b in keep]
+
+
+def occlusion_spans(text: str, reward: float, occluded: np.ndarray) -> list[list[float]]:
+    """The reward token's target from the model's own sensitivities: word t's weight is
+    softmax_t(sign(R) * z_t), z the standardised occlusion effects ``reward - occluded`` (T,). So a_t * R ranks the
+    words as their effects do: the words that move the reward most in its own direction get the most mass."""
+    w = words_of(text)
+    _, spans = text_and_spans(w)
+    eff = reward - occluded
+    z = (eff - eff.mean()) / (eff.std() + 1e-6) * (1.0 if reward >= 0 else -1.0)
+    p = np.exp(z - z.max())
+    p = p / p.sum()
+    return [[a, b, float(x)] for (a, b), x in zip(spans, p, strict=True)]
+
+
+def attention_step(tmp: Path, rm_dir: Path, n_pairs: int, max_len: int, seed: int, epochs: float = 1.0,
+                   eta: float = 1.0, target: str = "occlusion") -> tuple[Path, dict[str, Any]]:
+    """Train the BT reward model's last-layer attention to read the reward (``rewardkit train idrm`` with
+    ``attention_source=data``: BT + eta * KL(target || the reward token's attention), full fine-tuning). Targets:
+    ``occlusion`` (:func:`occlusion_spans`, the BT model's own per-word effects) or ``gold`` (:func:`attention_spans`,
+    the words the gold rule says decide). Returns the checkpoint and its report."""
+    from rewardkit.core.formatting import Formatter, ScoreItem
+    from rewardkit.core.loading import load_reward_model
+    from rewardkit.core.scoring import Scorer
+    from rewardkit.training.idrm import IdRMConfig, train_idrm
+
+    rm = load_reward_model(rm_dir)
+    fmt, scorer = Formatter(rm.tokenizer, max_length=1024), Scorer(rm)
+    pairs = make_pairs(n_pairs, seed + 20_000, (8, max_len))  # pairs the BT model did not train on
+    texts = [t for p in pairs for t in (p["chosen"], p["rejected"])]
+    t_target = time.time()
+    rewards: list[float] = []
+    for i in range(0, len(texts), 64):
+        encs = [fmt.encode(ScoreItem(prompt=PROMPT, response=t)) for t in texts[i:i + 64]]
+        rewards += [s.reward for s in scorer.score_batch(encs)]
+    if target == "gold":
+        spans = [attention_spans(t, r) for t, r in zip(texts, rewards, strict=True)]
+    else:  # each word replaced by the neutral word, scored in batches
+        spans = []
+        for t, r in zip(texts, rewards, strict=True):
+            ws = t.split(" ")
+            occ = [" ".join([*ws[:k], NEUTRAL, *ws[k + 1:]]) for k in range(len(ws))]
+            sc = scorer.score_batch([fmt.encode(ScoreItem(prompt=PROMPT, response=o)) for o in occ])
+            spans.append(occlusion_spans(t, r, np.array([x.reward for x in sc])))
+    rows = [{**p, "chosen_attention": spans[2 * i], "rejected_attention": spans[2 * i + 1]}
+            for i, p in enumerate(pairs)]
+    data = tmp / "rm-attention.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp / "rm-att"
+    t0 = time.time()
+    res = train_idrm(IdRMConfig(model=str(rm_dir), mode="full", train_file=str(data), eval_file=str(tmp / "rm-held.jsonl"),
+                                attention_source="data", eta=eta, align_layers=1, learning_rate=5e-4,
+                                num_epochs=epochs, batch_size=16, max_length=1024, output_dir=str(out), seed=seed,
+                                disable_tqdm=True, logging_steps=50, model_id="abc-rl-rm-att"))
+    info = {"pairs": n_pairs, "epochs": epochs, "eta": eta, "train_s": round(time.time() - t0, 1),
+            "kl_last": res.metrics.get("train_kl_last"), "bt_loss_last": res.metrics.get("train_bt_loss_last"),
+            "held_out_accuracy": (res.metrics.get("eval") or {}).get("accuracy"),
+            "target": target, "target_seconds": round(t0 - t_target, 1)}
+    return out, info
+
+
 # ------------------------------------------------------------------------------------------ policy and RL
 
 
@@ -406,6 +480,15 @@ def main() -> None:
     ap.add_argument("--rm-pairs", type=int, default=4000, help="BT training pairs of the reward model")
     ap.add_argument("--rm-epochs", type=float, default=3)
     ap.add_argument("--skip-default-model", action="store_true", help="no faithfulness run on the default model")
+    ap.add_argument("--no-attention-step", action="store_true",
+                    help="serve the BT reward model as trained (the first version of this benchmark)")
+    ap.add_argument("--att-pairs", type=int, default=2000, help="pairs of the attention step")
+    ap.add_argument("--att-epochs", type=float, default=1.0)
+    ap.add_argument("--att-eta", type=float, default=1.0)
+    ap.add_argument("--att-rounds", type=int, default=1, help="attention-step rounds, targets re-read each round")
+    ap.add_argument("--att-target", choices=("occlusion", "gold"), default="occlusion",
+                    help="the attention step's targets: the BT model's own occlusion effects, or the gold rule")
+    ap.add_argument("--faith-only", action="store_true", help="stop after the faithfulness measurements (no RL)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/abc_rl.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs/abc_rl_curves.png"))
     args = ap.parse_args()
@@ -419,6 +502,26 @@ def main() -> None:
                                epochs=args.rm_epochs)
     print(f"reward model: {rm_info}", flush=True)
     url = "http://127.0.0.1:8762"
+    faith_bt = None
+    if not args.no_attention_step:  # the BT model's faithfulness is the control; the RL arms use the trained one
+        proc = start_process([python(), "-m", "rewardkit.cli", "serve", "--model", str(rm_dir), "--port", "8762",
+                              "--max-length", "1024", "--max-wait-ms", "2"], url, tmp / "server-bt.log",
+                             env_extra={"REWARDKIT_PADDING_FREE": "off"})
+        try:
+            faith_bt = faithfulness_task_rm(url, 20 if args.quick else 60, 32, seed=1)
+        finally:
+            stop_process(proc)
+        print(f"faithfulness (BT RM, before the attention step): {faith_bt}", flush=True)
+        steps_info = []
+        for k in range(args.att_rounds):  # occlusion targets re-read from the model each round: training moves them
+            sub = tmp / f"att-round{k}"
+            sub.mkdir()
+            (sub / "rm-held.jsonl").write_text((tmp / "rm-held.jsonl").read_text())
+            rm_dir, att_info = attention_step(sub, rm_dir, 500 if args.quick else args.att_pairs, max(lengths),
+                                              seed=k, epochs=args.att_epochs, eta=args.att_eta, target=args.att_target)
+            steps_info.append(att_info)
+        rm_info = {**rm_info, "attention_step": steps_info}
+        print(f"attention step: {steps_info}", flush=True)
     # padding-free off: a batch of one length's ABC items is one forward (padding-free runs dense items one by one)
     proc = start_process([python(), "-m", "rewardkit.cli", "serve", "--model", str(rm_dir), "--port", "8762",
                           "--max-length", "1024", "--max-wait-ms", "2"], url, tmp / "server.log",
@@ -427,8 +530,10 @@ def main() -> None:
     out = Path(args.out)
     try:
         faith = faithfulness_task_rm(url, 20 if args.quick else 60, 32, seed=1)
+        if faith_bt is not None:
+            faith = {**faith, "bt_before_attention_step": faith_bt}
         print(f"faithfulness (task RM): {faith}", flush=True)
-        for seed in range(seeds):  # seeds outermost: a partial file holds every length for the seeds done
+        for seed in range(0 if args.faith_only else seeds):  # seeds outermost: a partial file holds every length
             for length in lengths:
                 for arm in ARMS:
                     t1 = time.time()

@@ -215,7 +215,7 @@ def paired(runs: list[dict[str, Any]], a: str, b: str) -> str:
 
     by = {(r["method"], r["seed"]): r["eval"] for r in runs}
     lines = [f"paired {a} vs {b}: split  seed: only-{a} / only-{b}  ...  pooled  p"]
-    for split in SPLITS:
+    for split in _columns(runs):
         cells, wa, wb = [], 0, 0
         for seed in sorted({s for m, s in by if m == a and (b, s) in by}):
             ma, mb = by[(a, seed)].get(f"{split}_margins"), by[(b, seed)].get(f"{split}_margins")
@@ -232,11 +232,19 @@ def paired(runs: list[dict[str, Any]], a: str, b: str) -> str:
     return "\n".join(lines)
 
 
+def _columns(runs: list[dict[str, Any]]) -> list[str]:
+    """The evaluated sets, testbed splits first, then any others (outside pairs, styles) in the order they came."""
+    seen = [k for r in runs for k, v in r["eval"].items() if isinstance(v, float)]
+    return [*[s for s in SPLITS if s in seen], *dict.fromkeys(k for k in seen if k not in SPLITS)]
+
+
 def table(runs: list[dict[str, Any]]) -> str:
+    refused = [r for r in runs if r.get("refused")]
+    runs = [r for r in runs if not r.get("refused")]
     by: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by.setdefault(r["method"], []).append(r)
-    cols = [c for c in (*SPLITS, *(f"probe{f:.1f}" for f in PROBE))
+    cols = [c for c in (*_columns(runs), *(f"probe{f:.1f}" for f in PROBE))
             if all((c[5:] in r["eval"].get("probe", {})) if c.startswith("probe") else c in r["eval"] for r in runs)]
     lines = ["method  seeds  " + "  ".join(cols) + "  train_s  s_per_epoch"]
     for m, rs in by.items():
@@ -249,6 +257,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         per_epoch = [r["metrics"]["seconds_per_epoch"] for r in rs if "seconds_per_epoch" in r["metrics"]]
         epoch = f"{statistics.mean(per_epoch):.1f}" if per_epoch else "-"
         lines.append(f"{m}  {len(rs)}  " + "  ".join(cells) + f"  {secs:.0f}  {epoch}")
+    lines += [f"{r['method']} seed {r['seed']}: refused: {r['refused']}" for r in refused]
     return "\n".join(lines)
 
 

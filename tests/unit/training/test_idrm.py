@@ -421,3 +421,50 @@ def test_teacher_gate_refuses_a_teacher_no_better_than_the_student(tiny_llama_di
     assert len(t_val) == 8
     with pytest.raises(ValueError, match="teacher_pairs"):
         teacher_data(IdRMConfig(output_dir="x", **{**base, "teacher_pairs": 12}), [])  # type: ignore[arg-type]
+
+
+def test_attention_targets_from_the_data_move_the_reward_tokens_attention(tiny_llama_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """attention_source=data (issue 21's attention step): rows carry [start, end, weight] spans; training moves the
+    reward token's attention onto them, with no teacher; a malformed span is a clear error naming the row."""
+    from rewardkit.core.attention import capture
+    from rewardkit.core.forward import pad_batch, reward_indices
+
+    rows = []
+    for r in _rows(16):
+        c, j = str(r["chosen"]), str(r["chosen"]).index("=")
+        rows.append({**r, "chosen_attention": [[j + 2, len(c) - 1, 1.0]], "rejected_attention": [[0, 2, 1.0]]})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    def share(rm) -> float:  # type: ignore[no-untyped-def]
+        fmt = Formatter(rm.tokenizer, max_length=64)
+        tot = 0.0
+        for r in rows[:6]:
+            it = fmt.encode(ScoreItem(prompt=str(r["prompt"]), response=str(r["chosen"])))
+            ids, mask, pos = pad_batch([it], rm.pad_token_id, "right", rm.device)
+            idx = reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)
+            with torch.no_grad(), capture([1], idx) as cap:
+                rm.model(input_ids=ids, attention_mask=mask, position_ids=pos)
+            row = cap.mean_row()[0]
+            keep, dist = student_targets(it, np.ones(len(it.response)))
+            a, b = r["chosen_attention"][0][:2]
+            on = [i for i in keep if it.offsets[i][0] - it.response_start < b and
+                  it.offsets[i][1] - it.response_start > a]
+            tot += float(row[on].sum() / row[keep].sum())
+        return tot / 6
+
+    before = share(load_reward_model(tiny_llama_dir))
+    res = train_idrm(IdRMConfig(model=str(tiny_llama_dir), train_file=str(data), output_dir=str(tmp_path / "o"),
+                                device="cpu", mode="full", num_epochs=3, batch_size=4, learning_rate=3e-3,
+                                disable_tqdm=True, max_length=64, seed=0, eta=1.0, align_layers=1,
+                                attention_source="data"))
+    assert res.metrics["teacher"]["attention_source"] == "data" and res.metrics["teacher"]["texts_with_targets"] == 32
+    after = share(load_reward_model(tmp_path / "o"))
+    assert after > before + 0.1, (before, after)
+    bad = [{**rows[0], "chosen_attention": [[0, 999, 1.0]]}]
+    data.write_text(json.dumps(bad[0]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"pairs\[0\]\.chosen_attention\[0\]"):
+        train_idrm(IdRMConfig(model=str(tiny_llama_dir), train_file=str(data), output_dir=str(tmp_path / "p"),
+                              device="cpu", mode="full", num_epochs=1, batch_size=4, disable_tqdm=True,
+                              max_length=64, eta=1.0, align_layers=1, attention_source="data"))

@@ -287,6 +287,10 @@ class IdRMConfig(BTConfig):
     mass_weight: float = _f(1.0, "weight of the attention-mass term: binary KL between the teacher's and the "
                             "student's share of each aligned row on the response, so a sink cannot keep the mass "
                             "(0 = off)")
+    attention_source: str = _f("teacher", "where the attention targets come from: 'teacher' (the distilled encoder), "
+                               "or 'data': each pair row carries chosen_attention / rejected_attention, lists of "
+                               "[start, end, weight] character spans of its response (the reward token's target; "
+                               "no teacher, no response rows, no mass term)", choices=("teacher", "data"))
     target_control: str = _f("teacher", "what the student is aligned to: 'teacher', or a control: 'shuffled' (the "
                              "teacher's targets under a seeded permutation of each response's tokens) or 'uniform' "
                              "(uniform rows; the teacher's mass targets kept)",
@@ -312,9 +316,12 @@ class IdRMConfig(BTConfig):
             raise ValueError("teacher_pairs, teacher_exclude, teacher_val_pairs and align_queries must be >= 0")
         if self.mass_weight < 0:
             raise ValueError(f"mass_weight must be >= 0, got {self.mass_weight}")
+        if self.attention_source not in ("teacher", "data"):
+            raise ValueError(f"attention_source must be 'teacher' or 'data', got {self.attention_source!r}")
         if self.target_control not in ("teacher", "shuffled", "uniform"):
             raise ValueError(f"target_control must be 'teacher', 'shuffled' or 'uniform', got {self.target_control!r}")
-        if self.eta > 0 and self.teacher_val_pairs and not self.teacher_val_file and not Path(self.train_file).is_dir():
+        if (self.eta > 0 and self.attention_source == "teacher" and self.teacher_val_pairs and not self.teacher_val_file
+                and not Path(self.train_file).is_dir()):
             raise ValueError("teacher_val_pairs: the teacher's held-out check needs pairs the student does not train "
                              "on: pass --teacher-val-file FILE, a testbed directory as --train-file, or "
                              "--teacher-val-pairs 0 to skip the check")

@@ -76,7 +76,7 @@ from rewardkit.training.loop import (
 log = logging.getLogger(__name__)
 
 __all__ = ["IdRMConfig", "StudentTarget", "Teacher", "align_layer_indices", "attention_kl", "char_overlap",
-           "control_target", "finetune_teacher", "idrm_step_loss", "minilm_dir", "project_char_mass",
+           "control_target", "data_target", "finetune_teacher", "idrm_step_loss", "minilm_dir", "project_char_mass",
            "row_kl_and_mass", "sample_queries", "student_row_targets", "student_targets", "teacher_accuracy",
            "teacher_char_mass", "teacher_data", "teacher_distributions", "teacher_response_maps", "teacher_targets",
            "token_mass_to_chars", "train_idrm"]
@@ -556,6 +556,29 @@ def align_layer_indices(rm: RewardModel, k: int) -> list[int]:
     return list(range(n - k, n))
 
 
+def data_target(item: EncodedItem, spans: Any, where: str) -> StudentTarget:
+    """A reward-token target from the data: ``spans`` = [[start, end, weight], ...] character spans of the response
+    (weights >= 0), spread over their characters and collected by the student's tokens. None or no mass: no target
+    (the text trains on BT alone). Response rows and the mass term need a teacher, so they stay off."""
+    if spans is None:
+        return StudentTarget.empty()
+    n = item.response_end - item.response_start
+    char_mass = np.zeros(n)
+    if not isinstance(spans, list):
+        raise ValueError(f"{where}: expected a list of [start, end, weight] spans, got {type(spans).__name__}")
+    for k, sp in enumerate(spans):
+        if not (isinstance(sp, list | tuple) and len(sp) == 3):
+            raise ValueError(f"{where}[{k}]: expected [start, end, weight], got {sp!r}")
+        a, b, w = int(sp[0]), int(sp[1]), float(sp[2])
+        if not (0 <= a < b <= n) or not (w >= 0 and math.isfinite(w)):
+            raise ValueError(f"{where}[{k}]: span [{a}, {b}) must lie in the response's {n} characters and its "
+                             f"weight be finite and >= 0, got {sp!r}")
+        char_mass[a:b] += w / (b - a)
+    idx, dist = student_targets(item, char_mass)
+    m = len(idx)
+    return StudentTarget(idx, dist, np.zeros((m, m)), np.zeros(m), 0.0, np.zeros(m, dtype=bool))
+
+
 def sample_queries(targets: Sequence[StudentTarget], k: int, gen: torch.Generator) -> torch.Tensor:
     """(B, Q) query positions: up to ``k`` of each text's valid response tokens, a sample from ``gen``; -1 pads."""
     picks = []
@@ -633,8 +656,8 @@ def idrm_step_loss(fwd: RewardForward, rm: RewardModel, items: Sequence[EncodedI
     kl = attention_kl(row, [(t.idx, t.dist) for t in targets])
     parts["kl_reward"] = float(kl.detach())
     mass_sum, mass_n = row.new_zeros(()), 0.0
-    if mass_weight > 0:  # the reward token's own share of mass on the response
-        live = [b for b, t in enumerate(targets) if len(t.idx) and t.dist.sum() > 0]
+    if mass_weight > 0:  # the reward token's own share of mass on the response (a data target has none: 0)
+        live = [b for b, t in enumerate(targets) if len(t.idx) and t.dist.sum() > 0 and t.reward_mass > 0]
         if live:
             on = torch.stack([row[b, targets[b].idx].sum() for b in live])
             m_t = torch.tensor([targets[b].reward_mass for b in live], dtype=torch.float32, device=row.device)
@@ -702,7 +725,20 @@ def train_idrm(cfg: IdRMConfig, command: str | None = None) -> TrainResult:
         lora_layers = parse_lora_layers(cfg.lora_layers) if cfg.lora_layers.strip() else layers
         run.run_log.write(event="layers", align_layers=layers, lora_layers=lora_layers or "all")
         t_teacher = time.time()
-        if cfg.eta > 0:
+        if cfg.eta > 0 and cfg.attention_source == "data":
+            targets = [(data_target(ep.chosen, ep.pair.meta.get("chosen_attention"), f"pairs[{i}].chosen_attention"),
+                        data_target(ep.rejected, ep.pair.meta.get("rejected_attention"),
+                                    f"pairs[{i}].rejected_attention")) for i, ep in enumerate(enc)]
+            rng = np.random.default_rng(cfg.seed)
+            targets = [(control_target(c, cfg.target_control, rng), control_target(r, cfg.target_control, rng))
+                       for c, r in targets]
+            n_live = sum(int(t.dist.sum() > 0) for pair in targets for t in pair)
+            teacher_report = {"teacher": None, "attention_source": "data", "texts_with_targets": n_live,
+                              "target_control": cfg.target_control}
+            if n_live == 0:
+                raise ValueError("attention_source=data: no pair row carries chosen_attention / rejected_attention "
+                                 "spans with mass on its response")
+        elif cfg.eta > 0:
             t_train, t_val = teacher_data(cfg, enc)
             masses, teacher_report, maps = teacher_targets(cfg, enc, t_train, t_val)
             if t_val:  # the held-out check: the teacher must beat the student's starting model there
