@@ -489,6 +489,7 @@ def main() -> None:
     ap.add_argument("--att-target", choices=("occlusion", "gold"), default="occlusion",
                     help="the attention step's targets: the BT model's own occlusion effects, or the gold rule")
     ap.add_argument("--faith-only", action="store_true", help="stop after the faithfulness measurements (no RL)")
+    ap.add_argument("--faith-seed", type=int, default=1, help="seed of the faithfulness sequences")
     ap.add_argument("--out", default=str(ROOT / "bench/results/abc_rl.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs/abc_rl_curves.png"))
     args = ap.parse_args()
@@ -508,7 +509,7 @@ def main() -> None:
                               "--max-length", "1024", "--max-wait-ms", "2"], url, tmp / "server-bt.log",
                              env_extra={"REWARDKIT_PADDING_FREE": "off"})
         try:
-            faith_bt = faithfulness_task_rm(url, 20 if args.quick else 60, 32, seed=1)
+            faith_bt = faithfulness_task_rm(url, 20 if args.quick else 60, 32, seed=args.faith_seed)
         finally:
             stop_process(proc)
         print(f"faithfulness (BT RM, before the attention step): {faith_bt}", flush=True)
@@ -529,7 +530,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     out = Path(args.out)
     try:
-        faith = faithfulness_task_rm(url, 20 if args.quick else 60, 32, seed=1)
+        faith = faithfulness_task_rm(url, 20 if args.quick else 60, 32, seed=args.faith_seed)
         if faith_bt is not None:
             faith = {**faith, "bt_before_attention_step": faith_bt}
         print(f"faithfulness (task RM): {faith}", flush=True)
