@@ -14,8 +14,14 @@ so a sequence-level reward tells the policy little about which of its T choices 
 the problem. (A first version, "share of words from a good set", was learnt in ~18 steps by every arm, oracle
 included: one shared decision, nothing for credit to assign.)
 
-The reward model: a tiny causal transformer (hidden 64, 2 layers, random init) trained in full with the project's BT
+The reward model: a tiny causal transformer (hidden 128, 2 layers, random init) trained in full with the project's BT
 trainer on pairs of random word sequences labelled by gold (held-out accuracy reported). It never sees the policy.
+Then its attention is trained to read its reward (the attention step, since 2026-12-07; ``--no-attention-step`` for
+the BT model as it was): ``rewardkit train idrm --attention-source data`` (BT + eta * KL between a target and the
+reward token's last-layer attention over the response, full fine-tuning) on 1,000 fresh pairs, where each word's
+target weight is softmax(sign(R) * z(its occlusion effect on the model's own reward)), so that ABC's a_t * R ranks
+the words as their effects do; 3 rounds, the targets re-read from the model each round (training moves the effects).
+The BT model's faithfulness is measured before the step, as the control.
 
 The policy: a GRU over the 16 words, from scratch; REINFORCE with returns-to-go and a per-position baseline
 (advantages normalised per batch; the same hyper-parameters for every arm). Arms:
@@ -482,10 +488,10 @@ def main() -> None:
     ap.add_argument("--skip-default-model", action="store_true", help="no faithfulness run on the default model")
     ap.add_argument("--no-attention-step", action="store_true",
                     help="serve the BT reward model as trained (the first version of this benchmark)")
-    ap.add_argument("--att-pairs", type=int, default=2000, help="pairs of the attention step")
-    ap.add_argument("--att-epochs", type=float, default=1.0)
-    ap.add_argument("--att-eta", type=float, default=1.0)
-    ap.add_argument("--att-rounds", type=int, default=1, help="attention-step rounds, targets re-read each round")
+    ap.add_argument("--att-pairs", type=int, default=1000, help="pairs of the attention step")
+    ap.add_argument("--att-epochs", type=float, default=2.0)
+    ap.add_argument("--att-eta", type=float, default=3.0)
+    ap.add_argument("--att-rounds", type=int, default=3, help="attention-step rounds, targets re-read each round")
     ap.add_argument("--att-target", choices=("occlusion", "gold"), default="occlusion",
                     help="the attention step's targets: the BT model's own occlusion effects, or the gold rule")
     ap.add_argument("--faith-only", action="store_true", help="stop after the faithfulness measurements (no RL)")

@@ -38,3 +38,7 @@ def test_quick_mode_runs_every_arm_and_writes_the_documented_results(tmp_path: P
     f = data["faithfulness"]["task_rm"]
     assert abs(f["random_weights"]) < 0.2  # control: random weights do not correlate with occlusion
     assert -1 <= f["spearman"] <= 1 and f["items"] == 20
+    # the attention step ran (3 rounds by default) and the BT model's faithfulness is kept as the control
+    steps = data["reward_model"]["attention_step"]
+    assert len(steps) == 3 and all(st["kl_last"] > 0 and st["target"] == "occlusion" for st in steps)
+    assert -1 <= f["bt_before_attention_step"]["spearman"] <= 1
