@@ -473,9 +473,9 @@ def row_kl_and_mass(rows: torch.Tensor, queries: torch.Tensor, targets: Sequence
     sinks and template included, against the teacher's share among prompt + response). ``rows`` (B, Q, T) from
     :meth:`AttentionCapture.mean_query_rows`. Returns (KL mean, mass-KL sum, number of rows)."""
     b_, q_, t_ = rows.shape
-    p = torch.zeros(b_, q_, t_, dtype=torch.float32, device=rows.device)
-    keys = torch.zeros(b_, q_, t_, dtype=torch.bool, device=rows.device)
-    m_t = torch.zeros(b_, q_, dtype=torch.float32, device=rows.device)
+    tg: list[tuple[list[int], np.ndarray]] = []
+    flat: list[int] = []
+    m_t: list[float] = []
     for b, t in enumerate(targets):
         pos = {i: j for j, i in enumerate(t.idx)}
         for qi, i in enumerate(queries[b].tolist()):
@@ -483,18 +483,17 @@ def row_kl_and_mass(rows: torch.Tensor, queries: torch.Tensor, targets: Sequence
                 continue
             j = pos[i]
             row = t.rows[j, :j + 1]
-            p[b, qi, t.idx[:j + 1]] = torch.from_numpy((row / row.sum()).astype(np.float32)).to(rows.device)
-            keys[b, qi, t.idx[:j + 1]] = True
-            m_t[b, qi] = float(t.mass[j])
-    used = queries.to(rows.device) >= 0  # (B, Q)
-    if not bool(used.any()):
+            tg.append((t.idx[:j + 1], row / row.sum()))
+            flat.append(b * q_ + qi)
+            m_t.append(float(t.mass[j]))
+    if not flat:
         z = rows.sum() * 0.0
         return z, z, z.detach()
-    on = (rows.float() * keys).sum(-1)  # (B, Q) the student's mass on those keys
-    qd = rows.float() * keys / on[..., None].clamp(min=1e-30)
-    kl = torch.where(p > 0, p * (torch.log(p.clamp(min=1e-30)) - torch.log(qd.clamp(min=1e-30))), 0.0).sum(-1)
-    mass = _binary_kl(m_t, on)
-    return kl[used].mean(), mass[used].sum(), used.sum().float()
+    sel = rows.reshape(b_ * q_, t_)[flat]  # (N, T) the sampled rows
+    kl = attention_kl(sel, tg)  # renormalised over the causal response keys, as for the reward row
+    on = torch.stack([sel[k, keys].sum() for k, (keys, _) in enumerate(tg)]).float()  # the student's mass there
+    mass = _binary_kl(torch.tensor(m_t, dtype=torch.float32, device=rows.device), on)
+    return kl, mass.sum(), torch.tensor(float(len(flat)))
 
 
 def idrm_step_loss(fwd: RewardForward, rm: RewardModel, items: Sequence[EncodedItem],

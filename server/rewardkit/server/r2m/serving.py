@@ -380,7 +380,7 @@ class R2MService:
     @staticmethod
     @torch.inference_mode()
     def _score_head(active: ActiveHead, frames: Sequence[Frame], h_last: Sequence[np.ndarray],
-                    ll_terms: Sequence[float] | None = None) -> list[float]:
+                    ll_terms: Sequence[float]) -> list[float]:
         """Raw R2M rewards (the head's, plus the RM's LL term), batched per distinct w (frames of one round share it)."""
         cfg = active.head.cfg
         ws = [mix_weight(f.round, cfg.total_rounds, cfg.omega) for f in frames]
@@ -392,7 +392,7 @@ class R2MService:
             hl, hid, mask = collate(samples)
             r = active.head(hl, hid, mask, w=w).float().tolist()  # (B,)
             for i, v in zip(idx, r, strict=True):
-                out[i] = v + (ll_terms[i] if ll_terms is not None else 0.0)
+                out[i] = v + ll_terms[i]
         return out
 
 
