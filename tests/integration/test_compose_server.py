@@ -61,3 +61,35 @@ def test_a_second_model_needs_a_name(tiny_llama_dir: Path, tmp_path: Path) -> No
     p = subprocess.run([sys.executable, "-m", "rewardkit.cli", "serve", "--model", str(tiny_llama_dir), "--model",
                         str(tiny_llama_dir)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "NAME=PATH" in p.stderr
+
+
+def test_each_model_has_its_own_drift_and_runs(tiny_llama_dir: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """Drift, per-run drift, pin and the drift gauges are per served model: traffic to the second model shows in its
+    own monitor (and its run), not in the first model's, and the first model's numbers are as before."""
+    with ServerProcess(f"llama={tiny_llama_dir}", tmp_path, "--model", f"gpt2={tiny_gpt2_dir}", "--max-length",
+                       "64") as srv:
+        url = srv.url
+        items = [{"prompt": f"q{i}?", "response": f"answer {i}"} for i in range(12)]
+        r = httpx.post(url + "/v1/rewards", json={"items": items, "model": "gpt2"},
+                       headers={"x-rewardkit-run": "team/run-b", "x-rewardkit-step": "3"})
+        assert r.status_code == 200, r.text
+        assert httpx.post(url + "/v1/rewards", json={"items": items[:5]}).status_code == 200  # the first model
+        gpt2 = httpx.get(url + "/v1/drift", params={"model": "gpt2"}).json()
+        first = httpx.get(url + "/v1/drift").json()
+        assert gpt2["snapshot"]["n_current"] == 12 and first["snapshot"]["n_current"] == 5
+        assert gpt2["model"] != first["model"]
+        run_b = httpx.get(url + "/v1/drift", params={"model": "gpt2", "run": "team/run-b"})
+        assert run_b.status_code == 200 and run_b.json()["snapshot"]["n_current"] == 12
+        assert httpx.get(url + "/v1/drift", params={"run": "team/run-b"}).status_code == 404  # not the first's run
+        runs = httpx.get(url + "/v1/runs", params={"model": "gpt2"}).json()["runs"]
+        assert [(x["run"], x["last_step"]) for x in runs] == [("team/run-b", 3)]
+        assert httpx.get(url + "/v1/runs").json()["runs"] == []
+        pinned = httpx.post(url + "/v1/drift/reference/pin", params={"model": "gpt2"})
+        assert pinned.status_code == 200 and pinned.json()["snapshot"]["reference_pinned"] is True
+        assert httpx.get(url + "/v1/drift").json()["snapshot"]["reference_pinned"] is False
+        bad = httpx.get(url + "/v1/drift", params={"model": "nosuch"})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "model"
+        text = httpx.get(url + "/metrics").text
+        assert f'rewardkit_drift_samples{{model="{gpt2["model"]}",window="current"}} 12.0' in text
+        assert f'rewardkit_drift_samples{{model="{first["model"]}",window="current"}} 5.0' in text
+        assert f'rewardkit_run_items{{model="{gpt2["model"]}",run="team/run-b"}} 12.0' in text

@@ -42,15 +42,14 @@ from rewardkit.server.vllm import router as vllm
 log = logging.getLogger(__name__)
 
 async def load_extra_models(state: AppState, settings: Settings) -> dict[str, RewardService]:
-    """The 2nd, 3rd ``--model NAME=PATH``: one service (scheduler) each, on the one torch thread. Drift, the Redis
-    score cache and R2M stay with the first model."""
+    """The 2nd, 3rd ``--model NAME=PATH``: one service (scheduler) each, on the one torch thread, each with its own
+    drift monitor and per-run monitors. The Redis score cache and R2M stay with the first model."""
     extra = {}
     for name, path in settings.extra_models.items():
         xrm = await torch_thread.run(
             load_reward_model, path, device=settings.device, dtype=settings.dtype,
             trust_remote_code=settings.trust_remote_code, reward_token_rule=settings.reward_token_rule)
-        extra[name] = build_service(state, xrm, settings.model_copy(update={
-            "drift_enabled": False, "model": path, "served_model_name": []}))
+        extra[name] = build_service(state, xrm, settings.model_copy(update={"model": path, "served_model_name": []}))
         log.info("loaded model name=%s id=%s path=%s", name, xrm.model_id, path)
     return extra
 

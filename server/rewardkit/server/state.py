@@ -122,6 +122,7 @@ class HeadUpdate:
 
 HeadCallback = Callable[[HeadUpdate], Awaitable[None] | None]
 EventCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
+DriftStates = tuple[str, dict[str, Any]] | list[tuple[str, dict[str, Any]]] | None  # what a drift_provider returns
 
 
 def cache_key(text: str, input_ids: Sequence[int]) -> str:
@@ -150,13 +151,14 @@ class RedisState:
         cache_ttl_s: TTL of cached scores; 0 disables the cache.
         op_timeout_s: socket timeout of one operation; a slower Redis counts as down.
         backoff_min_s / backoff_max_s: reconnect delays (doubling from min to max).
-        drift_provider: returns ``(model_id, DriftMonitor.to_state())`` or None; pushed periodically.
+        drift_provider: returns ``(model_id, DriftMonitor.to_state())``, a list of them (one per served model), or
+            None; pushed periodically.
         drift_sync_interval_s: how often; replica windows expire after 3 intervals without a push.
     """
 
     def __init__(self, url: str, *, namespace: str = "rewardkit", replica_id: str | None = None,
                  cache_ttl_s: int = 3600, op_timeout_s: float = 0.5, backoff_min_s: float = 0.1,
-                 backoff_max_s: float = 5.0, drift_provider: Callable[[], tuple[str, dict[str, Any]] | None] | None = None,
+                 backoff_max_s: float = 5.0, drift_provider: Callable[[], DriftStates] | None = None,
                  drift_sync_interval_s: float = 5.0) -> None:
         if op_timeout_s <= 0:
             raise ValueError(f"op_timeout_s must be > 0, got {op_timeout_s}")
@@ -330,8 +332,8 @@ class RedisState:
             return
         self._last_drift_push = time.monotonic()
         got = self.drift_provider()
-        if got is not None:
-            await self.push_drift(got[0], got[1])
+        for model_id, st in [got] if isinstance(got, tuple) else got or []:
+            await self.push_drift(model_id, st)
 
     # -- subscriptions ---------------------------------------------------------------------------------------
     def subscribe(self, callback: HeadCallback) -> None:

@@ -146,6 +146,28 @@ def test_fleet_drift_merges_replicas(redis_proc: RedisProcess) -> None:
 
 
 @pytest.mark.redis
+def test_drift_provider_pushes_every_served_model(redis_proc: RedisProcess) -> None:
+    """A provider may return one (model, state) or a list (several --model): each model's window reaches Redis
+    under its own key, and an empty list pushes nothing."""
+    async def main() -> None:
+        mons = {}
+        for name, n in (("m-a", 30), ("m-b", 70)):
+            mons[name] = DriftMonitor(window=500, reference_size=10, min_samples=5)
+            mons[name].observe([0.1 * i for i in range(n)], [5] * n)
+        provided: list[list[tuple[str, dict]]] = [[(k, m.to_state()) for k, m in mons.items()]]
+        st = RedisState(redis_proc.url, namespace="t-drift-many", replica_id="r1", drift_sync_interval_s=0.01,
+                        drift_provider=lambda: provided[0])
+        await st.connect()
+        await st._maybe_push_drift()
+        for name, n in (("m-a", 30), ("m-b", 70)):
+            fleet = await st.fleet_drift_states(name)
+            assert DriftMonitor.from_state(merge_states(list(fleet.values()))).snapshot().n_current == n
+        await st.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.redis
 def test_outage_bypasses_and_reconnects(tmp_path: Path) -> None:
     require_redis()
     rp = RedisProcess(tmp_path).start()

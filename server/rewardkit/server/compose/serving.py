@@ -64,6 +64,15 @@ class ModelRegistry:
         """(name, service), the primary first."""
         return [(self.settings.model_name or "default", self.primary), *self.extra.items()]
 
+    def monitored(self) -> list[tuple[str, RewardService]]:
+        """(label, service) for drift, runs and their metrics: each model under its model id, or, when two served
+        models share one id (two copies of a checkpoint), a later one under ``NAME:model_id``."""
+        out: list[tuple[str, RewardService]] = []
+        for name, svc in self.services():
+            label = svc.rm.model_id
+            out.append((f"{name}:{label}" if any(lb == label for lb, _ in out) else label, svc))
+        return out
+
     def names(self) -> list[str]:
         return [*self.settings.model_names_configured(), *self.components]
 

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from rewardkit.server.deps import AppState
+from rewardkit.server.service import RewardService
 from rewardkit.server.state import HeadUpdate, RedisState, StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -19,11 +20,8 @@ async def start_redis(state: AppState) -> RedisState | None:
     if not s.redis_url:
         return None
 
-    def drift_provider() -> tuple[str, dict[str, Any]] | None:
-        svc = state.service
-        if svc is None or svc.drift is None:
-            return None
-        return svc.rm.model_id, svc.drift.to_state()
+    def drift_provider() -> list[tuple[str, dict[str, Any]]]:
+        return [(label, svc.drift.to_state()) for label, svc in monitored(state) if svc.drift is not None]
 
     rs = RedisState(s.redis_url, namespace=s.redis_namespace, replica_id=state.replica_id, cache_ttl_s=s.cache_ttl_s,
                     op_timeout_s=s.redis_op_timeout_s, drift_provider=drift_provider,
@@ -35,8 +33,8 @@ async def start_redis(state: AppState) -> RedisState | None:
             state.head_swaps += 1
 
     def on_event(event: dict[str, Any]) -> None:
-        svc = state.service
-        if svc is None or svc.drift is None or event.get("model_id") != svc.rm.model_id:
+        svc = dict(monitored(state)).get(str(event.get("model_id")))
+        if svc is None or svc.drift is None:
             return
         try:
             if event.get("kind") == "drift_pin":
@@ -51,6 +49,14 @@ async def start_redis(state: AppState) -> RedisState | None:
     state.redis = rs
     await rs.connect()
     return rs
+
+
+def monitored(state: AppState) -> list[tuple[str, RewardService]]:
+    """(label, service) of every served model whose drift is watched (``ModelRegistry.monitored``): the first model
+    alone until the registry exists."""
+    if state.registry is not None:
+        return state.registry.monitored()
+    return [] if state.service is None else [(state.service.rm.model_id, state.service)]
 
 
 async def attach_service(state: AppState) -> None:

@@ -13,6 +13,7 @@ from rewardkit.server.deps import AppState, app_state
 from rewardkit.server.drift import DriftMonitor, merge_states
 from rewardkit.server.errors import BadRequest, NotFound, NotReady
 from rewardkit.server.ops.protocol import DriftActionResponse, DriftResponse, RunList, RunSummary
+from rewardkit.server.ops.redis import monitored
 from rewardkit.server.runs import RUN_PREFIX, RunRegistry, RunTag, check_prefix, check_run_id
 from rewardkit.server.service import RewardService
 from rewardkit.server.state import RedisState, StateUnavailable
@@ -28,17 +29,29 @@ def _monitor(service: RewardService) -> DriftMonitor:
 
 
 def refresh_gauges(state: AppState) -> None:
-    """Copy scrape-time values (drift snapshot, queue depth) into the metrics."""
+    """Copy scrape-time values (drift snapshots of every served model, queue depth) into the metrics."""
     svc, m = state.service, state.metrics
     if svc is None or m is None:
         return
     m.set_queue_depth(svc.scheduler.queue_depth, svc.settings.max_queue_items)
-    if svc.drift is not None:
-        m.update_drift(svc.rm.model_id, svc.drift.snapshot())
-    if svc.runs is not None:
-        info = {r.run_id: r for r in svc.runs.runs()}
-        for name, mon in svc.runs.items():
-            m.update_run(svc.rm.model_id, name, mon.snapshot(), info[name].items, info[name].last_step)
+    for label, s in monitored(state):
+        if s.drift is not None:
+            m.update_drift(label, s.drift.snapshot())
+        if s.runs is not None:
+            info = {r.run_id: r for r in s.runs.runs()}
+            for name, mon in s.runs.items():
+                m.update_run(label, name, mon.snapshot(), info[name].items, info[name].last_step)
+
+
+def pick(request: Request, model: str | None) -> tuple[str, RewardService]:
+    """(label, service) of the served model that ``model`` names (None: the first), or a 400 listing the names."""
+    st = app_state(request)
+    if st.registry is None or model is None:
+        svc = st.service if st.registry is None else st.registry.primary
+        assert svc is not None  # the route's dependency waited for the model
+        return svc.rm.model_id, svc
+    svc = st.registry.pick(model, "model")
+    return next(lb for lb, s in st.registry.monitored() if s is svc), svc
 
 
 def _runs(service: RewardService) -> RunRegistry:
@@ -48,7 +61,7 @@ def _runs(service: RewardService) -> RunRegistry:
     return service.runs
 
 
-def run_drift(service: RewardService, run: str, scope: str) -> DriftResponse:
+def run_drift(service: RewardService, run: str, scope: str, label: str | None = None) -> DriftResponse:
     """One run's drift: its rewards in the window against its own first ``drift_reference_size`` rewards."""
     check_run_id(run, "run")
     check_prefix(RunTag(run), RUN_PREFIX.get(), "run")
@@ -59,8 +72,8 @@ def run_drift(service: RewardService, run: str, scope: str) -> DriftResponse:
     if mon is None:
         raise NotFound(f"run {run!r} has not been scored on this replica (GET /v1/runs lists the runs; past "
                        f"max_runs={service.settings.max_runs} new runs count as 'other')", field="run")
-    return DriftResponse(model=service.rm.model_id, head_version=service.head_version, scope="local", replicas=1,
-                         snapshot=mon.snapshot().to_dict(), run=run)
+    return DriftResponse(model=label or service.rm.model_id, head_version=service.head_version, scope="local",
+                         replicas=1, snapshot=mon.snapshot().to_dict(), run=run)
 
 
 def run_list(service: RewardService) -> RunList:
@@ -71,10 +84,11 @@ def run_list(service: RewardService) -> RunList:
                    last_seen=r.last_seen) for r in reg.runs() if prefix is None or r.run_id.startswith(prefix)])
 
 
-async def drift(request: Request, service: RewardService, scope: Literal["local", "fleet"]) -> DriftResponse:
+async def drift(request: Request, service: RewardService, scope: Literal["local", "fleet"],
+                label: str | None = None) -> DriftResponse:
     """Reward drift and hacking signals over the sliding window (PSI, KS, shifts, length correlation, collapse)."""
     mon = _monitor(service)
-    model_id = service.rm.model_id
+    model_id = label or service.rm.model_id
     if scope == "local":
         return DriftResponse(model=model_id, head_version=service.head_version, scope="local", replicas=1,
                              snapshot=mon.snapshot().to_dict())
@@ -92,8 +106,10 @@ async def drift(request: Request, service: RewardService, scope: Literal["local"
                          snapshot=merged.snapshot().to_dict())
 
 
-async def drift_action(request: Request, service: RewardService, action: Literal["pin", "reset"]) -> DriftActionResponse:
+async def drift_action(request: Request, service: RewardService, action: Literal["pin", "reset"],
+                       label: str | None = None) -> DriftActionResponse:
     mon = _monitor(service)
+    model_id = label or service.rm.model_id
     if action == "pin":
         try:
             mon.pin_reference()
@@ -105,12 +121,12 @@ async def drift_action(request: Request, service: RewardService, action: Literal
     rs: RedisState | None = app_state(request).redis
     if rs is not None and rs.available:
         try:
-            notified = await rs.publish_event(f"drift_{action}", model_id=service.rm.model_id)
+            notified = await rs.publish_event(f"drift_{action}", model_id=model_id)
         except StateUnavailable:
             log.warning("drift %s applied locally only: redis is down", action)
     snap = mon.snapshot()
     st = app_state(request)
     if st.metrics is not None:
-        st.metrics.update_drift(service.rm.model_id, snap)
-    return DriftActionResponse(model=service.rm.model_id, action=action, replicas_notified=max(0, notified - 1),
+        st.metrics.update_drift(model_id, snap)
+    return DriftActionResponse(model=model_id, action=action, replicas_notified=max(0, notified - 1),
                                snapshot=snap.to_dict())
