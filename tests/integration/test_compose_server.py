@@ -4,7 +4,9 @@ composition with its parts in ``extra_logs``."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -93,3 +95,30 @@ def test_each_model_has_its_own_drift_and_runs(tiny_llama_dir: Path, tiny_gpt2_d
         assert f'rewardkit_drift_samples{{model="{gpt2["model"]}",window="current"}} 12.0' in text
         assert f'rewardkit_drift_samples{{model="{first["model"]}",window="current"}} 5.0' in text
         assert f'rewardkit_run_items{{model="{gpt2["model"]}",run="team/run-b"}} 12.0' in text
+
+
+@pytest.mark.redis
+def test_second_model_uses_the_score_cache_and_fleet_drift(tiny_llama_dir: Path, tiny_gpt2_dir: Path,
+                                                           redis_proc: Any, tmp_path: Path) -> None:
+    """With Redis, the second model's scores are cached under its own id (a repeat is a hit and the same reward;
+    the first model's reward for the same item is its own) and its drift window pools through Redis."""
+    env = {"REWARDKIT_REDIS_URL": redis_proc.url, "REWARDKIT_REDIS_NAMESPACE": "it-compose",
+           "REWARDKIT_DRIFT_SYNC_INTERVAL_S": "0.5"}
+    with ServerProcess(f"llama={tiny_llama_dir}", tmp_path, "--model", f"gpt2={tiny_gpt2_dir}", "--max-length",
+                       "64", env=env) as srv:
+        def hits() -> float:
+            line = [x for x in httpx.get(srv.url + "/metrics").text.splitlines()
+                    if x.startswith("rewardkit_cache_hits_total ")]
+            return float(line[0].split()[1])
+
+        body = {"items": [{"prompt": "2+2?", "response": f"4, at {time.time()}"}]}
+        first = httpx.post(srv.url + "/v1/rewards", json={**body, "model": "gpt2"}).json()["rewards"]
+        before = hits()
+        again = httpx.post(srv.url + "/v1/rewards", json={**body, "model": "gpt2"}).json()["rewards"]
+        assert again == first and hits() == before + 1
+        other = httpx.post(srv.url + "/v1/rewards", json=body).json()["rewards"]  # the first model: a miss
+        assert hits() == before + 1 and other != first
+        fleet = httpx.get(srv.url + "/v1/drift", params={"model": "gpt2", "scope": "fleet"})
+        assert fleet.status_code == 200, fleet.text
+        assert fleet.json()["snapshot"]["n_current"] == 2 and fleet.json()["replicas"] == 1
+        assert httpx.get(srv.url + "/v1/drift", params={"scope": "fleet"}).json()["snapshot"]["n_current"] == 1

@@ -60,12 +60,14 @@ def monitored(state: AppState) -> list[tuple[str, RewardService]]:
 
 
 async def attach_service(state: AppState) -> None:
-    """Once the model is loaded: give the service the Redis state and adopt the latest published head, if any."""
+    """Once the models are loaded: give every service the Redis state (the score cache, keyed by model id and head
+    version), and let the first model adopt the latest published head, if any."""
     rs: RedisState | None = state.redis
     svc = state.service
     if rs is None or svc is None:
         return
-    svc.state = rs
+    for _, each in monitored(state):
+        each.state = rs
     rs.track_model(svc.rm.model_id, svc.head_version)
     try:
         latest = await rs.fetch_head(svc.rm.model_id)
