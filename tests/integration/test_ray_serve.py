@@ -1,5 +1,6 @@
-"""``rewardkit serve --ray`` for real: a local Ray instance, two Serve replicas of a tiny model on CPU, a real
-redis-server. Every request answered, both replicas used, a killed replica replaced under load, the one R2M updater
+"""``rewardkit serve --ray`` for real: a local Ray instance, two Serve replicas of a tiny model (and a second tiny
+model, ``--model gpt2=...``) on CPU, a real redis-server. Every request answered, both replicas used, both models on
+each replica, a killed replica replaced under load, the one R2M updater
 publishing a head that every replica serves, SIGTERM leaving nothing running."""
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ def wait_until(pred, timeout: float = 60.0, what: str = "") -> None:  # type: ig
 
 
 @pytest.fixture(scope="module")
-def ray_server(tiny_llama_dir: Path, redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[ServerProcess]:
+def ray_server(tiny_llama_dir: Path, tiny_gpt2_dir: Path, redis_proc: RedisProcess,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("ray")
-    srv = ServerProcess(tiny_llama_dir, tmp, "--ray", "--replicas", "2", "--redis-url", redis_proc.url,
-                        "--max-length", "128", env=ENV)
+    srv = ServerProcess(tiny_llama_dir, tmp, "--model", f"gpt2={tiny_gpt2_dir}", "--ray", "--replicas", "2",
+                        "--redis-url", redis_proc.url, "--max-length", "128", env=ENV)
     srv.start(timeout=240)
     wait_until(lambda: len(replicas_seen(srv.url, 12)) == 2, what="both replicas answering")
     yield srv
@@ -116,6 +117,27 @@ def test_every_request_answered_by_both_replicas(ray_server: ServerProcess) -> N
         assert rewards == pytest.approx(got[0][1], rel=1e-5)
     r = httpx.get(ray_server.url + "/no-such-route", timeout=10)  # errors carry the header too
     assert r.status_code == 404 and r.headers["x-rewardkit-replica"] in by_replica
+
+
+def test_every_replica_serves_every_model(ray_server: ServerProcess) -> None:
+    """Two models (``--model`` twice) under Ray Serve: each replica loads both; a request for the second model, and a
+    composition of both, gets the same answer from either replica."""
+    items = [{"prompt": f"Q{i}", "response": f"answer {i}"} for i in range(4)]
+    body = {"items": items, "rewards": {"default": 1.0, "gpt2": 0.5}}
+    got: dict[str, tuple[list[float], list[float]]] = {}
+    with httpx.Client(timeout=60) as c:
+        names = [m["id"] for m in c.get(ray_server.url + "/v1/models").json()["data"]]
+        assert len(names) == 2, names  # both models listed
+        for _ in range(24):
+            solo = c.post(ray_server.url + "/v1/rewards", json={"items": items, "model": "gpt2"})
+            both = c.post(ray_server.url + "/v1/rewards", json=body)
+            assert solo.status_code == 200 and both.status_code == 200, (solo.text, both.text)
+            got[solo.headers["x-rewardkit-replica"]] = (solo.json()["rewards"], both.json()["rewards"])
+    assert len(got) == 2, got.keys()
+    (s1, b1), (s2, b2) = got.values()
+    assert s1 == pytest.approx(s2, rel=1e-5) and b1 == pytest.approx(b2, rel=1e-5)
+    first = httpx.post(ray_server.url + "/v1/rewards", json={"items": items}, timeout=60).json()["rewards"]
+    assert b1 == pytest.approx([f + 0.5 * s for f, s in zip(first, s1, strict=True)], rel=1e-4, abs=1e-5)
 
 
 def test_one_r2m_updater_and_its_head_served_by_every_replica(ray_server: ServerProcess) -> None:
