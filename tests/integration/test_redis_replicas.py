@@ -103,6 +103,32 @@ def test_fleet_drift_pools_both_replicas(servers: list[ServerProcess]) -> None:
     wait_until(lambda: fleet_n() == want, timeout=10, what=f"fleet window of {want}")  # b pushes every 0.5 s
 
 
+def test_fleet_run_drift_pools_the_run_across_replicas(servers: list[ServerProcess]) -> None:
+    """A run scored on both replicas: ``run=...&scope=fleet`` on either pools its two windows; a run scored on b
+    only is found from a; an unknown run is a 404 naming ``run``."""
+    a, b = servers
+    tag = f"fleet/run-{time.time_ns()}"
+    for s, n in ((a, 10), (b, 7)):
+        items = [{"prompt": "p", "response": f"r{k}"} for k in range(n)]
+        r = httpx.post(s.url + "/v1/rewards", json={"items": items}, headers={"x-rewardkit-run": tag}, timeout=30)
+        assert r.status_code == 200, r.text
+    only_b = tag + "-b"
+    assert httpx.post(b.url + "/v1/rewards", json={"items": [{"text": "x"}]}, headers={"x-rewardkit-run": only_b},
+                      timeout=30).status_code == 200
+
+    def fleet(url: str, run: str) -> tuple[int, int]:
+        r = httpx.get(url + "/v1/drift", params={"run": run, "scope": "fleet"}, timeout=10)
+        d = r.json()
+        return (int(d["snapshot"]["n_current"]), int(d["replicas"])) if r.status_code == 200 else (-1, r.status_code)
+
+    wait_until(lambda: fleet(a.url, tag) == (17, 2), timeout=10, what="the run's pooled window")  # b pushes every 0.5 s
+    assert fleet(b.url, tag) == (17, 2)
+    assert httpx.get(a.url + "/v1/drift", params={"run": tag}, timeout=10).json()["snapshot"]["n_current"] == 10
+    wait_until(lambda: fleet(a.url, only_b) == (1, 1), timeout=10, what="b's run seen from a")
+    r = httpx.get(a.url + "/v1/drift", params={"run": tag + "-none", "scope": "fleet"}, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["field"] == "run"
+
+
 def test_redis_killed_and_restarted(servers: list[ServerProcess], redis_proc: RedisProcess) -> None:
     a, _ = servers
     stop = threading.Event()

@@ -21,7 +21,13 @@ async def start_redis(state: AppState) -> RedisState | None:
         return None
 
     def drift_provider() -> list[tuple[str, dict[str, Any]]]:
-        return [(label, svc.drift.to_state()) for label, svc in monitored(state) if svc.drift is not None]
+        out = []
+        for label, svc in monitored(state):
+            if svc.drift is not None:
+                out.append((label, svc.drift.to_state()))
+            if svc.runs is not None:  # each run's window too, for GET /v1/drift?run=...&scope=fleet
+                out += [(run_key(label, run), mon.to_state()) for run, mon in svc.runs.items()]
+        return out
 
     rs = RedisState(s.redis_url, namespace=s.redis_namespace, replica_id=state.replica_id, cache_ttl_s=s.cache_ttl_s,
                     op_timeout_s=s.redis_op_timeout_s, drift_provider=drift_provider,
@@ -49,6 +55,11 @@ async def start_redis(state: AppState) -> RedisState | None:
     state.redis = rs
     await rs.connect()
     return rs
+
+
+def run_key(label: str, run: str) -> str:
+    """The Redis drift key of one run of one model (``ns:drift:<label>:run:<run>:<replica>``)."""
+    return f"{label}:run:{run}"
 
 
 def monitored(state: AppState) -> list[tuple[str, RewardService]]:

@@ -45,7 +45,7 @@ async def drift(request: Request, service: Service,
     with ``run``, that run's rewards against that run's own first rewards; with ``model``, that served model's."""
     label, svc = serving.pick(request, model)
     if run is not None:
-        return serving.run_drift(svc, run, scope, label)
+        return await serving.run_drift(request, svc, run, scope, label)
     return await serving.drift(request, svc, scope, label)
 
 

@@ -13,7 +13,7 @@ from rewardkit.server.deps import AppState, app_state
 from rewardkit.server.drift import DriftMonitor, merge_states
 from rewardkit.server.errors import BadRequest, NotFound, NotReady
 from rewardkit.server.ops.protocol import DriftActionResponse, DriftResponse, RunList, RunSummary
-from rewardkit.server.ops.redis import monitored
+from rewardkit.server.ops.redis import monitored, run_key
 from rewardkit.server.runs import RUN_PREFIX, RunRegistry, RunTag, check_prefix, check_run_id
 from rewardkit.server.service import RewardService
 from rewardkit.server.state import RedisState, StateUnavailable
@@ -61,19 +61,39 @@ def _runs(service: RewardService) -> RunRegistry:
     return service.runs
 
 
-def run_drift(service: RewardService, run: str, scope: str, label: str | None = None) -> DriftResponse:
-    """One run's drift: its rewards in the window against its own first ``drift_reference_size`` rewards."""
+async def run_drift(request: Request, service: RewardService, run: str, scope: str,
+                    label: str | None = None) -> DriftResponse:
+    """One run's drift: its rewards in the window against its own first ``drift_reference_size`` rewards; with
+    ``scope=fleet``, the run's windows of every live replica pooled through Redis."""
     check_run_id(run, "run")
     check_prefix(RunTag(run), RUN_PREFIX.get(), "run")
-    if scope != "local":
-        raise BadRequest("run= is answered per replica (scope=local); fleet-wide per-run drift is not implemented",
-                         field="scope")
-    mon = _runs(service).monitor(run)
-    if mon is None:
-        raise NotFound(f"run {run!r} has not been scored on this replica (GET /v1/runs lists the runs; past "
-                       f"max_runs={service.settings.max_runs} new runs count as 'other')", field="run")
-    return DriftResponse(model=label or service.rm.model_id, head_version=service.head_version, scope="local",
-                         replicas=1, snapshot=mon.snapshot().to_dict(), run=run)
+    label = label or service.rm.model_id
+    reg = _runs(service)
+    mon = reg.monitor(run)
+    if scope == "local":
+        if mon is None:
+            raise NotFound(f"run {run!r} has not been scored on this replica (GET /v1/runs lists the runs; past "
+                           f"max_runs={service.settings.max_runs} new runs count as 'other')", field="run")
+        return DriftResponse(model=label, head_version=service.head_version, scope="local", replicas=1,
+                             snapshot=mon.snapshot().to_dict(), run=run)
+    rs: RedisState | None = app_state(request).redis
+    if rs is None:
+        raise BadRequest("scope=fleet needs Redis (settings.redis_url)", field="scope")
+    key = run_key(label, run)
+    try:
+        if mon is not None:
+            await rs.push_drift(key, mon.to_state())  # this replica's latest window of the run
+        states = await rs.fleet_drift_states(key)
+    except StateUnavailable as exc:
+        raise NotReady(f"fleet drift needs Redis, which is down: {exc}", retry_after=2.0) from exc
+    if not states:
+        raise NotFound(f"run {run!r} has not been scored on any live replica (GET /v1/runs on each lists its runs)",
+                       field="run")
+    s = service.settings
+    merged = DriftMonitor.from_state(merge_states(list(states.values())), bins=s.drift_bins,
+                                     collapse_eps=s.drift_collapse_eps, min_samples=s.drift_min_samples)
+    return DriftResponse(model=label, head_version=service.head_version, scope="fleet", replicas=len(states),
+                         snapshot=merged.snapshot().to_dict(), run=run)
 
 
 def run_list(service: RewardService) -> RunList:
