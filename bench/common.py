@@ -112,6 +112,15 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+def merge_json(path: Path, key: str, value: Any) -> None:
+    """Set one part of a results file, keeping the parts other scripts wrote (r2m_policy.json: premise, offline,
+    online, isolation)."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
 WRK_LUA = r"""
 local bodies = {}
 for line in io.lines(os.getenv("RK_BODIES")) do bodies[#bodies + 1] = line end

@@ -50,6 +50,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import merge_json  # noqa: E402
 
 Group = dict[str, Any]  # {"gid", "prompt", "texts", "right", "states"}
 
@@ -240,11 +242,8 @@ def main() -> None:
                     "run_s": {f"{r['mode']}-s{r['seed']}-f{r['fold']}": r["s"] for r in runs},
                     "wall_s": round(time.time() - t0, 1), "command": "python " + " ".join(sys.argv)})
     print(json.dumps({k: v for k, v in summary.items() if k != "per_seed"}, indent=1))
-    out = Path(a.json)
-    data = json.loads(out.read_text()) if out.is_file() else {}
-    data["offline"] = summary
-    out.write_text(json.dumps(data, indent=1))
-    print(f"wrote {out} in {time.time() - t0:.0f} s")
+    merge_json(Path(a.json), "offline", summary)
+    print(f"wrote {a.json} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

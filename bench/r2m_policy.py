@@ -39,6 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import merge_json  # noqa: E402
 
 
 def load_policy() -> tuple[Any, Any]:
@@ -201,9 +203,7 @@ def main() -> None:
                "command": "python " + " ".join(sys.argv)}
     print(json.dumps(premise, indent=1))
     out = Path(a.json)
-    data = json.loads(out.read_text()) if out.is_file() else {}
-    data["premise"] = premise
-    out.write_text(json.dumps(data, indent=1))
+    merge_json(out, "premise", premise)
     if a.states_out:
         np.savez_compressed(a.states_out, groups=np.array([x[0] for x in answers]),
                             right=np.array([x[2] for x in answers]),

@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_abc_rl import PROMPT, VOCAB, Policy, gold, pretrain, random_words, text_and_spans  # noqa: E402
-from common import ROOT, python, start_process, stop_process, write_json  # noqa: E402
+from common import ROOT, merge_json, python, start_process, stop_process, write_json  # noqa: E402
 
 ARMS = ("vanilla", "r2m", "noise", "r2m_frozen")
 HACK_WORD = VOCAB.index("Paris")
@@ -270,11 +270,8 @@ def main() -> None:
     online = {"reward_model": info, "table": tab, "runs": runs, "length": a.length, "steps": steps, "seeds": seeds,
               "r2m_lr": a.r2m_lr, "r2m_steps_per_update": a.r2m_steps, "wall_s": round(time.time() - t0, 1),
               "command": "python " + " ".join(sys.argv)}
-    out = Path(a.json)
-    data = json.loads(out.read_text()) if out.is_file() else {}
-    data["online"] = online
-    out.write_text(json.dumps(data, indent=1))
-    print(f"wrote {out} in {time.time() - t0:.0f} s")
+    merge_json(Path(a.json), "online", online)
+    print(f"wrote {a.json} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
