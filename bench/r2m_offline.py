@@ -180,7 +180,8 @@ def summarise(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
             continue
         res[{"real": "r2m"}.get(m, m)] = statistics.mean(statistics.mean(c[1:]) for c in curves[m])
         res[f"{m}_curve_mean"] = [statistics.mean(c[t] for c in curves[m]) for t in range(len(curves[m][0]))]
-        res["per_seed"][m] = {str(s): c for s, c in zip(seeds, curves[m], strict=True)}
+        res["per_seed"][m] = {str(s): c for s, c in zip([s for s in seeds if (m, s) in pooled], curves[m],
+                                                         strict=True)}
         wa = wb = 0
         for s in seeds:
             if (m, s) in pooled and s in frozen:
