@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 async def load_extra_models(state: AppState, settings: Settings) -> dict[str, RewardService]:
     """The 2nd, 3rd ``--model NAME=PATH``: one service (scheduler) each, on the one torch thread, each with its own
-    drift monitor and per-run monitors. The Redis score cache and R2M stay with the first model."""
+    drift monitor and per-run monitors, and the Redis score cache (ops.redis.attach_service). R2M and adopting
+    heads published through Redis stay with the first model."""
     extra = {}
     for name, path in settings.extra_models.items():
         xrm = await torch_thread.run(
