@@ -5,7 +5,7 @@ reset of the drift reference (broadcast to the other replicas), scrape-time gaug
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import Request
 
@@ -44,7 +44,7 @@ def refresh_gauges(state: AppState) -> None:
 
 
 def pick(request: Request, model: str | None) -> tuple[str, RewardService]:
-    """(label, service) of the served model that ``model`` names (None: the first), or a 400 listing the names."""
+    """(label, service) of the served model that ``model`` names (None: the first), or a 422 listing the names."""
     st = app_state(request)
     if st.registry is None or model is None:
         svc = st.service if st.registry is None else st.registry.primary
@@ -76,24 +76,33 @@ async def run_drift(request: Request, service: RewardService, run: str, scope: s
                            f"max_runs={service.settings.max_runs} new runs count as 'other')", field="run")
         return DriftResponse(model=label, head_version=service.head_version, scope="local", replicas=1,
                              snapshot=mon.snapshot().to_dict(), run=run)
+    snapshot, replicas = await _pooled(request, run_key(label, run), mon, service)
+    if not replicas:
+        raise NotFound(f"run {run!r} has not been scored on any live replica (GET /v1/runs on each lists its runs)",
+                       field="run")
+    return DriftResponse(model=label, head_version=service.head_version, scope="fleet", replicas=replicas,
+                         snapshot=snapshot, run=run)
+
+
+async def _pooled(request: Request, key: str, mon: DriftMonitor | None, service: RewardService
+                  ) -> tuple[dict[str, Any], int]:
+    """The drift windows stored under ``key`` by every live replica (this one's, ``mon``, pushed first), merged:
+    (snapshot dict, replicas). 422 without Redis, 503 while it is down."""
     rs: RedisState | None = app_state(request).redis
     if rs is None:
         raise BadRequest("scope=fleet needs Redis (settings.redis_url)", field="scope")
-    key = run_key(label, run)
     try:
         if mon is not None:
-            await rs.push_drift(key, mon.to_state())  # this replica's latest window of the run
+            await rs.push_drift(key, mon.to_state())  # include this replica's latest window
         states = await rs.fleet_drift_states(key)
     except StateUnavailable as exc:
         raise NotReady(f"fleet drift needs Redis, which is down: {exc}", retry_after=2.0) from exc
-    if not states:
-        raise NotFound(f"run {run!r} has not been scored on any live replica (GET /v1/runs on each lists its runs)",
-                       field="run")
+    if not states:  # no live replica has this window (an unknown run)
+        return {}, 0
     s = service.settings
     merged = DriftMonitor.from_state(merge_states(list(states.values())), bins=s.drift_bins,
                                      collapse_eps=s.drift_collapse_eps, min_samples=s.drift_min_samples)
-    return DriftResponse(model=label, head_version=service.head_version, scope="fleet", replicas=len(states),
-                         snapshot=merged.snapshot().to_dict(), run=run)
+    return merged.snapshot().to_dict(), len(states)
 
 
 def run_list(service: RewardService) -> RunList:
@@ -112,18 +121,9 @@ async def drift(request: Request, service: RewardService, scope: Literal["local"
     if scope == "local":
         return DriftResponse(model=model_id, head_version=service.head_version, scope="local", replicas=1,
                              snapshot=mon.snapshot().to_dict())
-    rs: RedisState | None = app_state(request).redis
-    if rs is None:
-        raise BadRequest("scope=fleet needs Redis (settings.redis_url)", field="scope")
-    try:
-        await rs.push_drift(model_id, mon.to_state())  # include this replica's latest window
-        states = await rs.fleet_drift_states(model_id)
-    except StateUnavailable as exc:
-        raise NotReady(f"fleet drift needs Redis, which is down: {exc}", retry_after=2.0) from exc
-    merged = DriftMonitor.from_state(merge_states(list(states.values())), bins=mon.bins,
-                                     collapse_eps=mon.collapse_eps, min_samples=mon.min_samples)
-    return DriftResponse(model=model_id, head_version=service.head_version, scope="fleet", replicas=len(states),
-                         snapshot=merged.snapshot().to_dict())
+    snapshot, replicas = await _pooled(request, model_id, mon, service)
+    return DriftResponse(model=model_id, head_version=service.head_version, scope="fleet", replicas=replicas,
+                         snapshot=snapshot)
 
 
 async def drift_action(request: Request, service: RewardService, action: Literal["pin", "reset"],
