@@ -1,7 +1,8 @@
 """Soak and load: N concurrent clients for M minutes against the real server process.
 
-Reports requests served, errors by type (goal: zero errors other than 429), p50/p99 latency, and the server process's
-resident memory (RSS) after warm-up and at the end (goal: flat after warm-up). The mix is what RL trainers send:
+Reports requests served, errors by type (goal: zero errors other than 429), p50/p99 latency, the server process's
+resident memory (RSS) after warm-up and at the end (goal: flat after warm-up), and the prompt KV cache's bytes
+scraped from ``/metrics`` every 2 s (goal: never above ``--prefix-cache-mb``), with its hits, stores and evictions. The mix is what RL trainers send:
 GRPO groups on ``/v1/rewards`` (one prompt, K completions), single texts on ``/get_reward`` (OpenRLHF) and
 ``/pooling`` (vLLM/verl), plus a small share of requests the client abandons mid-flight (a trainer that timed out),
 which exercises the disconnect path. A 429 is honoured (sleep ``Retry-After``) and counted apart.
@@ -10,6 +11,7 @@ which exercises the disconnect path. A 429 is honoured (sleep ``Retry-After``) a
     python bench/bench_soak.py --clients 8 --minutes 3
     python bench/bench_soak.py --short               # tiny random model, ~30 s: what CI runs
     python bench/bench_soak.py --url http://host:8000 --pid 1234   # an already running server
+    python bench/bench_soak.py --server-arg=--prefix-cache-mb=8    # a small KV budget: evictions, bytes checked
 
 Writes JSON to ``--out`` (default ``bench/results/soak.json``, ``soak_short.json`` with ``--short``).
 """
@@ -116,6 +118,57 @@ async def sample_rss(pid: int, stop_at: float, out: list[tuple[float, int]], t_s
     out.append((time.monotonic() - t_start, rss_bytes(pid)))
 
 
+KV = "rewardkit_prefix_kv_cache"
+
+
+def parse_kv_metrics(text: str) -> dict[str, float]:
+    """The prompt KV cache's gauge and counters from a Prometheus text exposition (``{}`` where it has none)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(KV + "_"):
+            name, _, value = line.rpartition(" ")
+            key = name[len(KV) + 1:]
+            if "{" not in key:  # unlabelled series only
+                out[key] = float(value)
+    return out
+
+
+async def sample_kv(url: str, headers: dict[str, str], stop_at: float, out: list[dict[str, float]],
+                    every: float = 2.0) -> None:
+    """Scrape ``/metrics`` every ``every`` s for the prompt KV cache's bytes, entries and counters."""
+    async with httpx.AsyncClient(timeout=10, headers=headers) as client:
+        while True:
+            try:
+                r = await client.get(url + "/metrics")
+                if r.status_code == 200:
+                    out.append(parse_kv_metrics(r.text))
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() >= stop_at:
+                return
+            await asyncio.sleep(every)
+
+
+def kv_summary(samples: list[dict[str, float]], limit_mb: float | None) -> dict[str, Any]:
+    """What the soak saw of the KV cache: the most bytes held against the configured budget, and its counters."""
+    held = [s["bytes"] for s in samples if "bytes" in s]
+    if not held:
+        return {}
+    last = samples[-1]
+    hits, misses = last.get("hits_total", 0.0), last.get("misses_total", 0.0)
+    res: dict[str, Any] = {
+        "kv_samples": len(held), "kv_bytes_max": int(max(held)), "kv_bytes_end": int(held[-1]),
+        "kv_entries_max": int(max(s.get("entries", 0.0) for s in samples)),
+        **{f"kv_{k}": int(last.get(f"{k}_total", 0.0)) for k in ("hits", "misses", "stores", "evictions",
+                                                                 "tokens_saved")},
+        "kv_hit_rate": round(hits / (hits + misses), 3) if hits + misses else None,
+    }
+    if limit_mb is not None:
+        res["kv_limit_bytes"] = int(limit_mb * 2**20)
+        res["kv_within_limit"] = res["kv_bytes_max"] <= res["kv_limit_bytes"]
+    return res
+
+
 def _slope_mb_per_min(samples: list[tuple[float, int]]) -> float:
     if len(samples) < 3:
         return 0.0
@@ -127,7 +180,7 @@ def _slope_mb_per_min(samples: list[tuple[float, int]]) -> float:
 
 
 async def soak(url: str, pid: int | None, clients: int, seconds: float, warmup: float, scale: int, abandon: float,
-               api_key: str | None) -> dict[str, Any]:
+               api_key: str | None, kv_limit_mb: float | None = None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     stats = Stats()
     t_start = time.monotonic()
@@ -136,6 +189,8 @@ async def soak(url: str, pid: int | None, clients: int, seconds: float, warmup: 
     tasks = [client_loop(url, headers, stop_at, stats, seed, scale, abandon) for seed in range(clients)]
     if pid is not None:
         tasks.append(sample_rss(pid, stop_at, samples, t_start))
+    kv: list[dict[str, float]] = []
+    tasks.append(sample_kv(url, headers, stop_at, kv))
     await asyncio.gather(*tasks)
     wall = time.monotonic() - t_start
     lat = sorted(stats.latencies)
@@ -158,6 +213,7 @@ async def soak(url: str, pid: int | None, clients: int, seconds: float, warmup: 
             "rss_growth_after_warmup_mb": round((after[-1][1] - after[0][1]) / 2**20, 1),
             "rss_slope_mb_per_min": round(_slope_mb_per_min(after), 2),
         })
+    res.update(kv_summary(kv, kv_limit_mb))
     return res
 
 
@@ -180,8 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pid", type=int, help="with --url: the server's pid, for RSS")
     ap.add_argument("--api-key", help="bearer key for --url")
     ap.add_argument("--server-arg", action="append", default=[], help="extra flag for `rewardkit serve` (repeatable)")
+    ap.add_argument("--kv-limit-mb", type=float,
+                    help="the server's prompt KV budget, to check the scraped bytes against (default: read from "
+                         "--server-arg=--prefix-cache-mb=N when given)")
     ap.add_argument("--out", type=Path, help="JSON output path")
     args = ap.parse_args(argv)
+    kv_limit = args.kv_limit_mb
+    for a in args.server_arg:
+        if kv_limit is None and a.startswith("--prefix-cache-mb="):
+            kv_limit = float(a.split("=", 1)[1])
     clients = args.clients or (8 if args.short else 16)
     seconds = 60 * (args.minutes if args.minutes is not None else (0.5 if args.short else 10))
     warmup = args.warmup_s if args.warmup_s is not None else (8 if args.short else 60)
@@ -202,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             proc = start_process(cmd, url, Path(tmp) / "server.log", timeout=600)
             pid = proc.pid
         try:
-            res = asyncio.run(soak(url, pid, clients, seconds, warmup, args.scale, args.abandon, args.api_key))
+            res = asyncio.run(soak(url, pid, clients, seconds, warmup, args.scale, args.abandon, args.api_key,
+                                   kv_limit))
         finally:
             if proc is not None:
                 stop_process(proc)
@@ -217,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in res.items():
         print(f"{k:<{width}}  {json.dumps(v)}")
     print(f"wrote {out}")
-    return 0 if res["non_429_errors"] == 0 else 1
+    return 0 if res["non_429_errors"] == 0 and res.get("kv_within_limit", True) else 1
 
 
 if __name__ == "__main__":
