@@ -4,11 +4,9 @@ the summary's within-limit verdict on both sides of the budget."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
-sys.path.insert(0, str(ROOT))
 _spec = importlib.util.spec_from_file_location("bench_soak", ROOT / "bench" / "bench_soak.py")
 assert _spec and _spec.loader
 bs = importlib.util.module_from_spec(_spec)
