@@ -5,7 +5,8 @@ resident memory (RSS) after warm-up and at the end (goal: flat after warm-up), a
 scraped from ``/metrics`` every 2 s (goal: never above ``--prefix-cache-mb``), with its hits, stores and evictions.
 The mix is what RL trainers send: GRPO groups on ``/v1/rewards`` (one prompt, K completions), single texts on
 ``/get_reward`` (OpenRLHF) and ``/pooling`` (vLLM/verl), plus a small share of requests the client abandons
-mid-flight (a trainer that timed out), which exercises the disconnect path. A 429 is honoured (sleep ``Retry-After``) and counted apart.
+mid-flight (a trainer that timed out), which exercises the disconnect path. A 429 is honoured (sleep
+``Retry-After``) and counted apart.
 
     python bench/bench_soak.py                       # default model, 16 clients, 10 minutes
     python bench/bench_soak.py --clients 8 --minutes 3
