@@ -124,14 +124,10 @@ KV = "rewardkit_prefix_kv_cache"
 
 def parse_kv_metrics(text: str) -> dict[str, float]:
     """The prompt KV cache's gauge and counters from a Prometheus text exposition (``{}`` where it has none)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(KV + "_"):
-            name, _, value = line.rpartition(" ")
-            key = name[len(KV) + 1:]
-            if "{" not in key:  # unlabelled series only
-                out[key] = float(value)
-    return out
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {smp.name[len(KV) + 1:]: smp.value for fam in text_string_to_metric_families(text)
+            if fam.name.startswith(KV + "_") for smp in fam.samples if not smp.labels}
 
 
 async def sample_kv(url: str, headers: dict[str, str], stop_at: float, out: list[dict[str, float]],
