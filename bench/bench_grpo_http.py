@@ -1,6 +1,6 @@
-"""GRPO traffic as trainers send it, over HTTP: one sample per ``POST /get_reward`` (OpenRLHF's ``query`` shape:
-prompt and completion in one chat-formatted string), many in flight, the K completions of each prompt sent one
-after another. rewardkit with its prompt KV cache across requests on and off, against the naive serve_rm-like server,
+"""GRPO traffic as trainers send it, over HTTP: one sample per ``POST /get_reward`` (OpenRLHF's shape: ``query`` is
+prompt and completion in one chat-formatted string, ``prompts`` its prompt part; ``--no-prompts`` sends the query
+alone), many in flight, the K completions of each prompt sent one after another. rewardkit with its prompt KV cache across requests on and off, against the naive serve_rm-like server,
 same model, same load, one run (issue 19).
 
     .venv/bin/python bench/bench_grpo_http.py                       # tiny + SmolLM2, K = 1/4/8, 16 and 64 in flight
@@ -49,15 +49,17 @@ CONFIGS = (("naive", []), ("cache_off", ["--prefix-cache-mb", "0"]), ("cache_on"
 _FORMATTERS: dict[str | None, object] = {}
 
 
-def texts_and_tokens(model: str | None, pairs: list[tuple[str, str]]) -> tuple[list[str], int]:
+def texts_and_tokens(model: str | None, pairs: list[tuple[str, str]]) -> tuple[list[str], list[str], int]:
+    """Each pair as one chat-formatted query, its prompt part (OpenRLHF's ``prompts``), and the tokens of all."""
     from rewardkit.core.formatting import Formatter, ScoreItem
     from rewardkit.core.loading import load_reward_model
 
     if model not in _FORMATTERS:
         _FORMATTERS[model] = Formatter(load_reward_model(model).tokenizer, max_length=2048)
     fmt: Formatter = _FORMATTERS[model]  # type: ignore[assignment]
-    texts = [fmt.render(ScoreItem(prompt=p, response=c))[0] for p, c in pairs]
-    return texts, sum(fmt.encode(ScoreItem(text=t)).num_tokens for t in texts)
+    rendered = [fmt.render(ScoreItem(prompt=p, response=c)) for p, c in pairs]
+    texts, prompts = [r[0] for r in rendered], [r[0][:r[1]] for r in rendered]
+    return texts, prompts, sum(fmt.encode(ScoreItem(text=t)).num_tokens for t in texts)
 
 
 def kv_counters(url: str) -> dict[str, float]:
@@ -113,8 +115,8 @@ def spread_order(pairs: list[tuple[str, str]], k: int, spread: int) -> list[tupl
 
 
 def run_cell(servers: dict[str, tuple[str, object]], model: str | None, name: str, k: int, conc: int, seconds: int,
-             repeats: int, n_items: int, tmp: Path, seed: int, driver: str = "wrk", spread: int = 1
-             ) -> dict[str, object]:
+             repeats: int, n_items: int, tmp: Path, seed: int, driver: str = "wrk", spread: int = 1,
+             prompts: bool = True) -> dict[str, object]:
     import json
 
     n_prompts = max(1, n_items // k)
@@ -122,15 +124,17 @@ def run_cell(servers: dict[str, tuple[str, object]], model: str | None, name: st
     for rep in range(repeats):
         # new prompts per repeat (the same for the three servers): nothing a cache kept is asked again
         pairs = spread_order(grpo_workload(n_prompts, k, (100, 160), (20, 40), seed=seed + rep), k, spread)
-        texts, tokens = texts_and_tokens(model, pairs)
-        bodies = [json.dumps({"query": [t]}) for t in texts]
+        texts, prompt_parts, tokens = texts_and_tokens(model, pairs)
+        sent = prompt_parts if prompts else None
+        bodies = [json.dumps({"query": [t]} if sent is None else {"query": [t], "prompts": [sent[i]]})
+                  for i, t in enumerate(texts)]
         for label, _ in CONFIGS:
             url = servers[label][0]
             before = kv_counters(url) if label != "naive" else None
             if driver == "wrk":
                 res = drive_wrk(url, bodies, conc, seconds, tmp, spread=True)
             else:  # a fixed set, each item once, timed to the last answer (no batch cut off by a time window)
-                res = asyncio.run(drive(url, texts, conc))
+                res = asyncio.run(drive(url, texts, conc, prompts=sent))
             wait_idle(servers[label][1].pid)  # type: ignore[attr-defined]
             after = kv_counters(url) if label != "naive" else None
             served = res["requests"] * tokens / len(texts)
@@ -142,7 +146,7 @@ def run_cell(servers: dict[str, tuple[str, object]], model: str | None, name: st
                 row["tokens_saved"] = after["tokens_saved"] - before["tokens_saved"]
             per[label].append(row)
     cell: dict[str, object] = {"model": name, "k": k, "concurrency": conc, "repeats": repeats, "driver": driver,
-                               "spread": spread,
+                               "spread": spread, "prompts_sent": prompts,
                                "items_per_repeat": len(texts), "mean_tokens": tokens / len(texts)}
     med = {label: statistics.median(r["tokens_per_s"] for r in rows) for label, rows in per.items()}
     for label, rows in per.items():
@@ -181,6 +185,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64, help="items per run with the httpx driver")
     ap.add_argument("--spread", type=int, default=1, help="interleave the mates of this many prompts (1: K in a row)")
     ap.add_argument("--append", action="store_true", help="add the cells to those already in --json (other models)")
+    ap.add_argument("--no-prompts", action="store_true",
+                    help="send only query (older OpenRLHF): no response start, so a pooled read-out reuses nothing")
     a = ap.parse_args()
     if a.quick:
         a.models, a.ks, a.concurrency, a.seconds, a.repeats = "tiny", "1,8", "16", 5, 1
@@ -207,7 +213,7 @@ def main() -> None:
             for k in (int(x) for x in a.ks.split(",")):
                 for conc in (int(x) for x in a.concurrency.split(",")):
                     cell = run_cell(servers, model, name, k, conc, seconds, a.repeats, n_items, tmp,
-                                    seed=1000 * k + conc, driver=driver, spread=a.spread)
+                                    seed=1000 * k + conc, driver=driver, spread=a.spread, prompts=not a.no_prompts)
                     show(cell)
                     cells.append(cell)
                     write_json(Path(a.json), {"cells": cells, "args": vars(a)})  # partial results survive a crash

@@ -79,21 +79,23 @@ def python() -> str:
     return sys.executable
 
 
-async def drive(url: str, texts: list[str], concurrency: int, path: str = "/get_reward") -> dict[str, Any]:
-    """C concurrent clients, each sending single-item requests (as OpenRLHF's executor does)."""
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for t in texts:
-        queue.put_nowait(t)
+async def drive(url: str, texts: list[str], concurrency: int, path: str = "/get_reward",
+                prompts: list[str] | None = None) -> dict[str, Any]:
+    """C concurrent clients, each sending single-item requests (as OpenRLHF's executor does). ``prompts``: each
+    query's prompt part, sent as OpenRLHF's ``prompts`` field."""
+    queue: asyncio.Queue[dict[str, list[str]]] = asyncio.Queue()
+    for i, t in enumerate(texts):
+        queue.put_nowait({"query": [t]} if prompts is None else {"query": [t], "prompts": [prompts[i]]})
     lat: list[float] = []
 
     async def worker(client: httpx.AsyncClient) -> None:
         while True:
             try:
-                t = queue.get_nowait()
+                body = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
             t0 = time.perf_counter()
-            r = await client.post(url + path, json={"query": [t]})
+            r = await client.post(url + path, json=body)
             r.raise_for_status()
             lat.append(time.perf_counter() - t0)
 

@@ -32,7 +32,7 @@ def output_cache(out: Any) -> Any:
     return out.cache if CACHE_KW == "cache" else out.past_key_values
 
 __all__ = ["CACHE_KW", "ItemScore", "normalise", "output_cache", "pad_batch", "plain_forward", "raw_reward",
-           "readout", "readout_forward", "reward_index", "reward_indices", "reward_position", "scores_from_hidden"]
+           "readout", "readout_forward", "readout_tail_start", "reward_index", "reward_indices", "reward_position", "scores_from_hidden"]
 
 
 @dataclasses.dataclass
@@ -121,13 +121,16 @@ def needs_all_layers(rm: RewardModel) -> bool:
 
 
 def readout(rm: RewardModel, items: Sequence[EncodedItem], out: Any, idx: torch.Tensor, padding_side: str,
-            want_ll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            want_ll: bool = False, starts: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the head reads, (B, H), and the log-likelihood term, (B,) or None, from one padded forward's output.
 
     ``readout == "token"``: the last layer at the reward token ``idx``. ``"mean_response"``: ``hidden_states[L]``
     (``L = readout_layer``; -1 = the last layer) averaged over the item's response tokens (its last token when it has
     none). The LL term (``ll_weight != 0``, or ``want_ll``): the mean over response tokens of log p(token | prefix)
     under the backbone's tied LM head (the last layer's states times the input embeddings).
+
+    ``starts``: the row position of each item's first token, instead of what ``padding_side`` implies; ``-m`` for a
+    forward over an item's tokens after a cached prefix of ``m`` (``readout_tail_start`` says how far that may go).
     """
     meta = rm.meta
     last = out.last_hidden_state  # (B, T, H)
@@ -144,7 +147,7 @@ def readout(rm: RewardModel, items: Sequence[EncodedItem], out: Any, idx: torch.
     emb = model.get_input_embeddings().weight if (meta.ll_weight or want_ll) else None  # (V, H) = tied LM head
     for i, it in enumerate(items):
         n = len(it.input_ids)
-        start = width - n if padding_side == "left" else 0
+        start = starts[i] if starts is not None else width - n if padding_side == "left" else 0
         resp = it.response_token_indices() or [n - 1]
         if meta.readout != "token":
             pooled.append(layer[i, [start + k for k in resp]].mean(0))
@@ -161,14 +164,33 @@ def readout(rm: RewardModel, items: Sequence[EncodedItem], out: Any, idx: torch.
     return h, (torch.stack(lls).float() if emb is not None else None)
 
 
-def readout_forward(rm: RewardModel, items: Sequence[EncodedItem], padding_side: str, want_ll: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One padded forward and :func:`readout`: the path of every model whose read-out is not the plain one."""
+def readout_forward(rm: RewardModel, items: Sequence[EncodedItem], padding_side: str, want_ll: bool = False,
+                    on_cache: Callable[[Any, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One padded forward and :func:`readout`: the path of every model whose read-out is not the plain one.
+    ``on_cache``: as in :func:`plain_forward`."""
     ids, mask, pos = pad_batch(items, rm.pad_token_id, padding_side, rm.device)
-    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=on_cache is not None,
                   output_hidden_states=needs_all_layers(rm))
+    if on_cache is not None:
+        on_cache(output_cache(out), ids.shape[1])
     idx = reward_indices(ids, mask, rm.pad_token_id, rm.meta.reward_token_rule)
     return readout(rm, items, out, idx, padding_side, want_ll)
+
+
+def readout_tail_start(rm: RewardModel, item: EncodedItem, reward_idx: int, want_ll: bool = False) -> int:
+    """How many leading tokens of ``item`` a read-out may take from a cache (0: none): the tokens before the first
+    one it reads. The pooled states start at the first response token; the LL term also needs the last layer's state
+    one token before it; a token read-out needs the reward token. Plain text has no response start: 0."""
+    meta = rm.meta
+    if item.response_start <= 0:
+        return 0
+    resp = item.response_token_indices()
+    if not resp:
+        return 0
+    first = reward_idx if meta.readout == "token" else resp[0]
+    if meta.ll_weight or want_ll:
+        first = min(first, resp[0] - 1)
+    return max(0, min(first, reward_idx))
 
 
 def normalise(rm: RewardModel, raw: Any) -> Any:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from rewardkit.core.formatting import EncodedItem
-from rewardkit.core.forward import CACHE_KW, output_cache
+from rewardkit.core.forward import CACHE_KW, needs_all_layers, output_cache, readout
 from rewardkit.core.loading import RewardModel
 from rewardkit.core.prefix import packed_forward
 
@@ -254,3 +254,19 @@ def run_tails_packed(rm: RewardModel, kv: KV, m: int, tails: Sequence[Sequence[i
     """Several items' tokens after one stored prefix of ``m`` tokens, packed in one row (``prefix.packed_forward``
     on a fresh cache). Returns each one's last hidden state, (n, H)."""
     return packed_forward(rm, dynamic_cache(kv, m), m, tails)[0]
+
+
+def run_tail_readout(rm: RewardModel, kv: KV, m: int, item: EncodedItem, reward_idx: int, want_ll: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """A read-out model's item after a stored prefix of ``m`` tokens (at most ``forward.readout_tail_start``): its
+    other tokens run against the prefix, with every layer's states when the read-out needs them. Returns (what the
+    head reads (1, H), the LL term (1,) or None, the cache after the forward, covering the whole item)."""
+    dev = rm.device
+    n = len(item.input_ids)
+    ids = torch.tensor([list(item.input_ids[m:])], dtype=torch.long, device=dev)
+    pos = torch.arange(m, n, device=dev)[None]
+    mask = torch.ones((1, n), dtype=torch.long, device=dev)
+    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, **{CACHE_KW: dynamic_cache(kv, m)},
+                  use_cache=True, output_hidden_states=needs_all_layers(rm))
+    h, ll = readout(rm, [item], out, torch.tensor([reward_idx - m], device=dev), "right", want_ll, starts=[-m])
+    return h, ll, output_cache(out)

@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,13 +40,22 @@ from rewardkit.core.forward import (
     pad_batch,
     plain_forward,
     readout_forward,
+    readout_tail_start,
     reward_indices,
     reward_position,
     scores_from_hidden,
 )
 from rewardkit.core.loading import RewardModel
 from rewardkit.core.prefix import PrefixSharer, find_prefix_groups
-from rewardkit.core.prefix_cache import DEFAULT_BLOCK, Match, PrefixKVCache, kv_of, run_tail, run_tails_packed
+from rewardkit.core.prefix_cache import (
+    DEFAULT_BLOCK,
+    Match,
+    PrefixKVCache,
+    kv_of,
+    run_tail,
+    run_tail_readout,
+    run_tails_packed,
+)
 
 Store = dict[int, int]  # id(item) -> leading tokens of it to store in the KV cache after its forward
 
@@ -115,6 +124,8 @@ class Scorer:
 
     def _score_scalar(self, items: Sequence[EncodedItem], return_hidden: bool) -> list[ItemScore]:
         if not self.plain:
+            if self.kv is not None and self.prefix.supported(self.rm):
+                return self.score_readout_cached(items, return_hidden)
             return self.score_readout(items, return_hidden)
         if self.kv is not None and self.prefix.supported(self.rm):
             return self.score_cached(items, return_hidden)
@@ -173,20 +184,74 @@ class Scorer:
         assert self.kv is not None
         self.kv.put(ids, kv_of(cache, 0, 0, len(ids)))
 
-    def _plain(self, items: Sequence[EncodedItem], store: Store | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward.plain_forward``; with ``store`` naming some of ``items``, the same forward keeps its cache and
-        their prompts' KV go into the KV cache."""
+    def _keeper(self, items: Sequence[EncodedItem], store: Store | None) -> Callable[[Any, int], None] | None:
+        """The ``on_cache`` of a padded forward over ``items`` that stores the prompts ``store`` names (None: none)."""
         rows = [(r, store[id(it)]) for r, it in enumerate(items) if store and id(it) in store]
         kv = self.kv
         if not rows or kv is None:
-            return plain_forward(self.rm, items, self.padding_side)
+            return None
 
         def keep(cache: Any, width: int) -> None:
             for r, n in rows:  # left padding: a row's tokens end at the right edge (positions count real tokens)
                 start = width - len(items[r].input_ids) if self.padding_side == "left" else 0
                 kv.put(items[r].input_ids[:n], kv_of(cache, r, start, n))
 
-        return plain_forward(self.rm, items, self.padding_side, on_cache=keep)
+        return keep
+
+    def _plain(self, items: Sequence[EncodedItem], store: Store | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward.plain_forward``; with ``store`` naming some of ``items``, the same forward keeps its cache and
+        their prompts' KV go into the KV cache."""
+        return plain_forward(self.rm, items, self.padding_side, on_cache=self._keeper(items, store))
+
+    @torch.inference_mode()
+    def score_readout_cached(self, items: Sequence[EncodedItem], return_hidden: bool = False) -> list[ItemScore]:
+        """The KV-cache path of a read-out model (pooled states, LL term). A chat item whose prompt is stored runs
+        only the tokens from ``forward.readout_tail_start`` on; an item that found none stores its prompt. Padding-free,
+        items run one after another and each looks up the cache first, so a group's mates in one batch reuse the first
+        one's prompt; batched, hits run alone and the rest in one padded forward. Plain text (no response start) has
+        nothing to reuse: it is not looked up."""
+        assert self.kv is not None
+        rm, kv = self.rm, self.kv
+        out: list[ItemScore | None] = [None] * len(items)
+        rest: list[int] = []
+        store: Store = {}
+        pending: set[tuple[int, ...]] = set()
+        for i, it in enumerate(items):
+            r = reward_position(it.input_ids, rm.pad_token_id, rm.meta.reward_token_rule)
+            lim = readout_tail_start(rm, it, r, self.want_ll)
+            if lim < kv.min_prefix:
+                rest.append(i)
+                continue
+            mt = kv.lookup(it.input_ids, lim)
+            if mt is not None and not self.padding_free and mt.length < self.prefix.min_fraction * len(it.input_ids):
+                mt = None  # a short reuse is not worth leaving the padded batch (see score_cached)
+            kv.count(mt)
+            n = kv.store_len(it, r, None)
+            keep = n > 0 and (mt is None or mt.length < min(n, lim)) and kv.admit()
+            if mt is None and not self.padding_free:  # into the padded forward; one mate per prompt stores it
+                if keep and (prompt := tuple(it.input_ids[:n])) not in pending:
+                    store[id(it)] = n
+                    pending.add(prompt)
+                rest.append(i)
+                continue
+            if mt is None:  # padding-free: the item alone, storing its prompt on the way
+                h, ll = readout_forward(rm, [it], self.padding_side, self.want_ll,
+                                        on_cache=self._keeper([it], {id(it): n} if keep else None))
+            else:
+                h, ll, cache = run_tail_readout(rm, mt.entry.kv, mt.length, it, r, self.want_ll)
+                if keep:
+                    kv.put(it.input_ids[:n], kv_of(cache, 0, 0, n))
+            out[i] = scores_from_hidden(rm, [it], h, return_hidden, ll=ll)[0]
+        if rest:
+            part = [items[i] for i in rest]
+            if self.padding_free:
+                done = self.score_readout(part, return_hidden)
+            else:
+                h, ll = readout_forward(rm, part, self.padding_side, self.want_ll, on_cache=self._keeper(part, store))
+                done = scores_from_hidden(rm, part, h, return_hidden, ll=ll)
+            for i, s in zip(rest, done, strict=True):
+                out[i] = s
+        return [s for s in out if s is not None]
 
     # -- the paths -------------------------------------------------------------------------------------------------
     @torch.inference_mode()

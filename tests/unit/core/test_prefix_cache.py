@@ -165,3 +165,73 @@ def test_admission_is_sampled_when_stores_bring_no_reuse() -> None:
     assert m is not None
     cache.count(m)  # a reuse: every candidate is admitted again
     assert all(cache.admit() for _ in range(5))
+
+
+@pytest.fixture(scope="module")
+def tied_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rewardkit.core.testing import make_tiny_reward_model
+
+    return make_tiny_reward_model(tmp_path_factory.mktemp("tied"), arch="llama", layers=3, tie_embeddings=True)
+
+
+def _readout_model(base: Path, out: Path, readout: str, layer: int, ll_weight: float) -> RewardModel:
+    from rewardkit.core import checkpoint as ckpt
+
+    head = load_reward_model(base).head.weight.detach().float()
+    meta = ckpt.CheckpointMeta(backbone=str(base), model_id="readout", norm_mean=0.1, norm_std=2.0, readout=readout,
+                               readout_layer=layer, ll_weight=ll_weight)
+    ckpt.save_checkpoint(out, {"weight": head}, meta)
+    return load_reward_model(out)
+
+
+@pytest.mark.parametrize("readout", [("mean_response", 2, 0.7), ("mean_response", -1, 0.0), ("token", -1, 0.5)],
+                         ids=["pooled_ll", "pooled_last", "token_ll"])
+@pytest.mark.parametrize("layout", ["left", "right", "padding_free"])
+def test_readout_models_reuse_the_cache_exactly(readout: tuple[str, int, float], layout: str, tied_llama_dir: Path,
+                                                tmp_path: Path) -> None:
+    """Read-outs other than the reward token (the default model's pooled states + LL) reuse stored prompts: mates
+    run only from the token before their response, and every reward equals the plain single forward."""
+    rm = _readout_model(tied_llama_dir, tmp_path / "m", *readout)
+    assert not rm.meta.plain_readout
+    items = chat_items(rm)
+    random.Random(3).shuffle(items)
+    ref = [reference_score(rm, e) for e in items]
+    scorer = Scorer(rm, padding_side="right" if layout == "padding_free" else layout,
+                    padding_free=layout == "padding_free", prefix_cache_bytes=64 << 20)
+    assert scorer.kv is not None
+    got = one_per_batch(scorer, items)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=ATOL, rtol=RTOL)
+    st = scorer.kv.stats
+    empty = sum(not e.response_token_indices() for e in items)  # "" has no response token: read at its last token
+    assert empty == 2
+    assert (st.stores, st.hits, st.misses) == (2, len(items) - 2 - empty, 2), st  # two prompts: one store each
+    assert st.tokens_saved > 0
+    hits = st.hits
+    # whole groups in one batch: padding-free, the first mate stores and the others already reuse it
+    fresh = Scorer(rm, padding_side=scorer.padding_side, padding_free=scorer.padding_free,
+                   prefix_cache_bytes=64 << 20)
+    got2 = [s.reward for b in (items[:6], items[6:]) for s in fresh.score(b)]
+    torch.testing.assert_close(torch.tensor(got2), torch.tensor(ref), atol=ATOL, rtol=RTOL)
+    assert fresh.kv is not None and fresh.kv.stats.stores == 2
+    if layout == "padding_free":
+        assert fresh.kv.stats.hits == len(items) - 2 - empty
+    # a head swap: hits give the new head's rewards
+    with torch.no_grad():
+        rm.head.weight.mul_(-2.0)
+    got3 = one_per_batch(scorer, items)
+    torch.testing.assert_close(torch.tensor(got3), torch.tensor([reference_score(rm, e) for e in items]),
+                               atol=ATOL, rtol=RTOL)
+    assert scorer.kv.stats.hits == hits + len(items) - empty
+
+
+def test_readout_models_leave_plain_text_and_dense_items_alone(tied_llama_dir: Path, tmp_path: Path) -> None:
+    """Plain text has no response start, so a pooled read-out covers every token: nothing to reuse, no lookup."""
+    rm = _readout_model(tied_llama_dir, tmp_path / "m", "mean_response", 2, 0.7)
+    items = text_items(rm)
+    scorer = Scorer(rm, padding_free=True, prefix_cache_bytes=64 << 20)
+    got = one_per_batch(scorer, items)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([reference_score(rm, e) for e in items]),
+                               atol=ATOL, rtol=RTOL)
+    assert scorer.kv is not None and scorer.kv.stats.hits + scorer.kv.stats.misses + scorer.kv.stats.stores == 0
+    out = scorer.score(chat_items(rm)[:2], dense=[True, True], abc_layers=[2])
+    assert all(s.attention is not None for s in out) and scorer.kv.stats.stores == 0
