@@ -18,7 +18,8 @@ Design (why):
   give it its prompt (chat), or at least half of it (plain), so K mates store one entry, not K.
 - **Admission.** Storing costs a cache-keeping forward and a copy (measured ~7-13% per item on the 2-layer tiny
   model, nothing visible on SmolLM2). When the last ``ADMIT_WINDOW`` stores brought no reuse (K = 1 traffic), only
-  one candidate in ``ADMIT_SAMPLE`` is stored until a reuse happens again; then every candidate is.
+  one candidate in ``ADMIT_SAMPLE`` is stored until a reuse happens again; then every candidate is. A hit on a
+  shared system prompt alone (under ``min_fraction`` of the item) is not a reuse here: every K = 1 item has one.
 - **Bounded by bytes, LRU.** ``max_bytes`` caps the KV tensors held. The least recently used entries are evicted
   first. An entry larger than the whole budget is not stored.
 - **Exact.** A token's keys and values depend only on the tokens before it and their positions, so KV taken from a
@@ -26,6 +27,11 @@ Design (why):
   forward within fp32 GEMM rounding (tests: atol 1e-5, rtol 1e-4). The cache holds no rewards and no head output:
   a head swap needs no invalidation. A change of the body's weights does (``clear()``; the server never changes
   them in place).
+- **Read-out models** (pooled states over the response, the LM's log-likelihood: the default model) need every
+  response token's states of one layer, and the last layer's state one token before the response. A chat item
+  reuses at most the tokens before that one (``forward.readout_tail_start``: the stored prompt less one token) and
+  runs the rest with every layer's states (``run_tail_readout``). Plain text has no response start, so the pooled
+  states cover every token: nothing is reused and nothing is looked up.
 - **ABC dense items** need the reward token's attention over the prompt's keys per head; they take the plain path
   (no lookup, no store), as in-batch prefix sharing does.
 
@@ -158,15 +164,17 @@ class PrefixKVCache:
                     return Match(e, m)
             return None
 
-    def count(self, used: Match | None) -> None:
-        """Record one looked-up item: a hit (``used``: the match it runs against) or a miss."""
+    def count(self, used: Match | None, reuse: bool = True) -> None:
+        """Record one looked-up item: a hit (``used``: the match it runs against) or a miss. ``reuse`` false: a
+        short hit (a shared system prompt) that does not show the stores are paying off (see Admission)."""
         with self._lock:
             if used is None:
                 self.stats.misses += 1
                 return
             self.stats.hits += 1
             self.stats.tokens_saved += used.length
-            self._stores_since_reuse = 0
+            if reuse:
+                self._stores_since_reuse = 0
 
     @staticmethod
     def _common(a: Sequence[int], b: Sequence[int], n: int) -> int:

@@ -12,7 +12,9 @@ Paths (each ends in ``forward.scores_from_hidden``, so the reward rule, head and
   is stored run only the rest; the others take the paths above and store their prompt's KV on the way;
 - read-out (a checkpoint whose head reads the mean over the response, another layer, or adds the LM's
   log-likelihood: ``CheckpointMeta.plain_readout`` false): plain padded forwards (unpadded, one item each, when
-  padding-free) through ``forward.readout``; no prefix sharing or KV cache, which keep only the reward token's state.
+  padding-free) through ``forward.readout``. No in-batch prefix sharing (it keeps only the reward token's state); with
+  the KV cache, chat items whose prompt is stored run from the token before their response on
+  (``score_readout_cached``), and padding-free mates in one batch reuse the first one's prompt through the cache.
 
 The scorer is the contract between the server's scheduler and a model (TGI's ``Model``/``Batch`` split): it takes
 already-encoded items and returns one :class:`ItemScore` each, in order. It owns no queue and no threads.
@@ -223,9 +225,10 @@ class Scorer:
                 rest.append(i)
                 continue
             mt = kv.lookup(it.input_ids, lim)
-            if mt is not None and not self.padding_free and mt.length < self.prefix.min_fraction * len(it.input_ids):
+            short = mt is not None and mt.length < self.prefix.min_fraction * len(it.input_ids)
+            if short and not self.padding_free:
                 mt = None  # a short reuse is not worth leaving the padded batch (see score_cached)
-            kv.count(mt)
+            kv.count(mt, reuse=not short)  # a shared system prompt alone does not keep every store admitted (K = 1)
             n = kv.store_len(it, r, None)
             keep = n > 0 and (mt is None or mt.length < min(n, lim)) and kv.admit()
             if mt is None and not self.padding_free:  # into the padded forward; one mate per prompt stores it

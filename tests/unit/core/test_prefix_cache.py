@@ -235,3 +235,25 @@ def test_readout_models_leave_plain_text_and_dense_items_alone(tied_llama_dir: P
     assert scorer.kv is not None and scorer.kv.stats.hits + scorer.kv.stats.misses + scorer.kv.stats.stores == 0
     out = scorer.score(chat_items(rm)[:2], dense=[True, True], abc_layers=[2])
     assert all(s.attention is not None for s in out) and scorer.kv.stats.stores == 0
+
+
+def test_a_shared_system_prompt_alone_does_not_keep_every_store_admitted(tied_llama_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    """K = 1 traffic under one long system prompt: every item reuses the system prompt (a short hit) and would store
+    its own prompt; short hits do not count as the stores paying off, so admission thins stores out."""
+    from rewardkit.core.prefix_cache import ADMIT_SAMPLE, ADMIT_WINDOW
+
+    rm = _readout_model(tied_llama_dir, tmp_path / "m", "mean_response", 2, 0.7)
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    system = "You are a careful assistant. "
+    n = ADMIT_WINDOW + 2 * ADMIT_SAMPLE
+    items = [fmt.encode(ScoreItem(messages=[{"role": "system", "content": system},
+                                            {"role": "user", "content": f"Question {i}: " + "tell me more. " * 40},
+                                            {"role": "assistant", "content": f"Answer {i}."}])) for i in range(n)]
+    scorer = Scorer(rm, padding_free=True, prefix_cache_bytes=256 << 20)
+    got = one_per_batch(scorer, items)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([reference_score(rm, e) for e in items]),
+                               atol=ATOL, rtol=RTOL)
+    st = scorer.kv.stats  # type: ignore[union-attr]
+    assert st.hits == n - 1  # every later item reused the system prompt ...
+    assert ADMIT_WINDOW <= st.stores <= ADMIT_WINDOW + 3, st  # ... but after the window only 1 in ADMIT_SAMPLE stored
