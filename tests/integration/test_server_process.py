@@ -110,3 +110,35 @@ def test_grpo_mates_in_separate_requests_reuse_the_prompt_kv(tiny_llama_dir: Pat
     with ServerProcess(tiny_llama_dir, tmp_path, "--max-length", "512", "--prefix-cache-mb", "0") as off:
         assert httpx.post(off.url + "/get_reward", json={"query": texts[:2]}).status_code == 200
         assert _kv_metric(off.url, "hits_total") == 0
+
+
+def test_a_pooled_readout_model_reuses_the_prompt_kv_over_http(tmp_path: Path) -> None:
+    """The default model's kind of read-out (mean of a middle layer over the response + the LM's log-likelihood)
+    takes the KV cache too, once the response start is known: OpenRLHF's ``prompts`` gives it. Without ``prompts``
+    the query is plain text, the pooled states cover every token, and nothing is looked up."""
+    from rewardkit.core import checkpoint as ckpt
+    from rewardkit.core.testing import make_tiny_reward_model
+
+    base = make_tiny_reward_model(tmp_path / "tied", arch="llama", layers=3, tie_embeddings=True)
+    model = tmp_path / "pooled"
+    ckpt.save_checkpoint(model, {"weight": load_reward_model(base).head.weight.detach().float()},
+                         ckpt.CheckpointMeta(backbone=str(base), model_id="pooled", readout="mean_response",
+                                             readout_layer=2, ll_weight=0.7))
+    rm = load_reward_model(model)
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    groups = [f"Group {g}: please explain, step by step, how a careful reviewer weighs evidence. " * 3
+              for g in range(3)]
+    rendered = [fmt.render(ScoreItem(prompt=p, response=f"answer {k} " * (k + 1))) for p in groups for k in range(4)]
+    texts, prompts = [r[0] for r in rendered], [r[0][:r[1]] for r in rendered]
+    want = [reference_score(rm, fmt.encode(ScoreItem(text=t, response_start=len(p)))) for t, p in zip(texts, prompts, strict=True)]
+    want_plain = [reference_score(rm, fmt.encode(ScoreItem(text=t))) for t in texts[:2]]
+    assert want[:2] != pytest.approx(want_plain, abs=1e-3)  # the response start changes what is pooled
+    with ServerProcess(model, tmp_path, "--max-length", "512", "--prefix-cache-mb", "1") as srv:
+        got = [httpx.post(srv.url + "/get_reward", json={"query": [t], "prompts": [p]}).json()["rewards"][0]
+               for t, p in zip(texts, prompts, strict=True)]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert _kv_metric(srv.url, "hits_total") == 9  # 3 groups x 3 mates
+        assert _kv_metric(srv.url, "stores_total") == 3
+        plain = httpx.post(srv.url + "/get_reward", json={"query": texts[:2]}).json()["rewards"]
+        assert plain == pytest.approx(want_plain, rel=1e-4, abs=1e-5)
+        assert _kv_metric(srv.url, "hits_total") + _kv_metric(srv.url, "misses_total") == 12  # not looked up
