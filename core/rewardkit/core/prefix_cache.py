@@ -18,7 +18,8 @@ Design (why):
   give it its prompt (chat), or at least half of it (plain), so K mates store one entry, not K.
 - **Admission.** Storing costs a cache-keeping forward and a copy (measured ~7-13% per item on the 2-layer tiny
   model, nothing visible on SmolLM2). When the last ``ADMIT_WINDOW`` stores brought no reuse (K = 1 traffic), only
-  one candidate in ``ADMIT_SAMPLE`` is stored until a reuse happens again; then every candidate is. A hit on a
+  one candidate in ``ADMIT_SAMPLE``, drawn at random, is stored until a reuse happens again; then every candidate is
+  (a counter would alias with the group size: with K = 8 in a row it always picked a group's last mate). A hit on a
   shared system prompt alone (under ``min_fraction`` of the item) is not a reuse here: every K = 1 item has one.
 - **Bounded by bytes, LRU.** ``max_bytes`` caps the KV tensors held. The least recently used entries are evicted
   first. An entry larger than the whole budget is not stored.
@@ -42,6 +43,7 @@ The caller (``Scorer``) checks ``prefix.probe_support`` first: models whose cach
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -58,7 +60,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (
 
 DEFAULT_BLOCK = 16
 ADMIT_WINDOW = 64  # stores without any reuse before admission is sampled
-ADMIT_SAMPLE = 16  # then one candidate in this many is stored
+ADMIT_SAMPLE = 16  # then one candidate in this many is stored (at random)
 
 
 @dataclasses.dataclass
@@ -130,7 +132,7 @@ class PrefixKVCache:
         self._index: dict[int, Entry] = {}  # block-boundary hash -> the entry most recently stored under it
         self._lock = threading.Lock()
         self._stores_since_reuse = 0
-        self._candidates = 0
+        self._rng = random.Random(0)  # seeded: the same traffic stores the same prompts
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -196,8 +198,9 @@ class PrefixKVCache:
 
     def admit(self) -> bool:
         """Whether a candidate for storing should be stored (see Admission in the module docstring)."""
-        self._candidates += 1
-        return self._stores_since_reuse < ADMIT_WINDOW or self._candidates % ADMIT_SAMPLE == 0
+        # At random, not every ADMIT_SAMPLE-th: a counter aliases with the group size (K = 8 mates in a row, every
+        # 16th candidate is always a group's last mate, whose store no mate reuses, so admission never recovered).
+        return self._stores_since_reuse < ADMIT_WINDOW or self._rng.random() * ADMIT_SAMPLE < 1
 
     def put(self, ids: Sequence[int], kv: KV) -> bool:
         """Store ``kv`` (tensors for exactly ``len(ids)`` tokens, owned by the cache from now on). False when it

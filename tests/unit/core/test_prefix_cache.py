@@ -159,8 +159,8 @@ def test_admission_is_sampled_when_stores_bring_no_reuse() -> None:
     for i in range(ADMIT_WINDOW):  # K = 1 traffic: every store is a new prompt
         assert cache.admit()
         cache.put([1000 + i] * 8, kv)
-    admitted = sum(cache.admit() for _ in range(10 * ADMIT_SAMPLE))
-    assert admitted == 10
+    admitted = sum(cache.admit() for _ in range(100 * ADMIT_SAMPLE))
+    assert 70 <= admitted <= 130  # about 1 in ADMIT_SAMPLE (binomial sd ~10)
     m = cache.lookup([1000] * 8 + [1], 9)
     assert m is not None
     cache.count(m)  # a reuse: every candidate is admitted again
@@ -257,3 +257,23 @@ def test_a_shared_system_prompt_alone_does_not_keep_every_store_admitted(tied_ll
     st = scorer.kv.stats  # type: ignore[union-attr]
     assert st.hits == n - 1  # every later item reused the system prompt ...
     assert ADMIT_WINDOW <= st.stores <= ADMIT_WINDOW + 3, st  # ... but after the window only 1 in ADMIT_SAMPLE stored
+
+
+def test_admission_recovers_when_grpo_groups_follow_k1_traffic(tied_llama_dir: Path, tmp_path: Path) -> None:
+    """After a K = 1 stretch thins admission, GRPO groups of 8 mates in a row must bring full admission back: a
+    sampled store of a group's first mates is reused by the rest. (A counter picking every 16th candidate always
+    picked a group's last mate, and the cache stayed cold: measured 1.08x cache off instead of 2.06x over HTTP.)"""
+    from rewardkit.core.prefix_cache import ADMIT_WINDOW
+
+    rm = _readout_model(tied_llama_dir, tmp_path / "m", "mean_response", 2, 0.7)
+    fmt = Formatter(rm.tokenizer, max_length=512)
+    enc = lambda p, r: fmt.encode(ScoreItem(prompt=p, response=r))  # noqa: E731
+    scorer = Scorer(rm, padding_free=True, prefix_cache_bytes=256 << 20)
+    one_per_batch(scorer, [enc(f"Alone {i}: " + "say something useful. " * 6, "ok") for i in range(ADMIT_WINDOW)])
+    kv = scorer.kv
+    assert kv is not None and kv._stores_since_reuse >= ADMIT_WINDOW  # thinned
+    groups = [[enc(f"Group {g}: " + "explain the evidence. " * 6, f"answer {k}") for k in range(8)] for g in range(12)]
+    before = kv.stats.snapshot()
+    one_per_batch(scorer, [it for g in groups for it in g])
+    assert kv._stores_since_reuse < ADMIT_WINDOW  # a reuse happened: every candidate is admitted again
+    assert kv.stats.hits - before.hits >= 7 * 6, kv.stats  # and at least half the groups' mates reused their prompt
