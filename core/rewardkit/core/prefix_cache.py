@@ -281,3 +281,28 @@ def run_tail_readout(rm: RewardModel, kv: KV, m: int, item: EncodedItem, reward_
                   use_cache=True, output_hidden_states=needs_all_layers(rm))
     h, ll = readout(rm, [item], out, torch.tensor([reward_idx - m], device=dev), "right", want_ll, starts=[-m])
     return h, ll, output_cache(out)
+
+
+def run_tails_readout(rm: RewardModel, kv: KV, m: int, items: Sequence[EncodedItem], reward_idx: Sequence[int],
+                      want_ll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Several read-out items after one stored prefix of ``m`` tokens, in one right-padded forward whose rows all
+    attend to the prefix's KV (the batched, GPU path; padding-free runs :func:`run_tail_readout` per item).
+    Returns (what the head reads (B, H), the LL term (B,) or None)."""
+    from transformers.cache_utils import DynamicCache
+
+    dev, b = rm.device, len(items)
+    tails = [it.input_ids[m:] for it in items]
+    width = max(len(t) for t in tails)
+    ids = torch.full((b, width), rm.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((b, m + width), dtype=torch.long)
+    mask[:, :m] = 1
+    for r, t in enumerate(tails):
+        ids[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[r, m:m + len(t)] = 1
+    pos = torch.arange(m, m + width)[None].expand(b, width)
+    cache = DynamicCache(ddp_cache_data=[(k[:, :, :m].expand(b, -1, -1, -1), v[:, :, :m].expand(b, -1, -1, -1))
+                                         for k, v in kv])
+    out = rm.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), **{CACHE_KW: cache},
+                  use_cache=True, output_hidden_states=needs_all_layers(rm))
+    idx = torch.tensor([r - m for r in reward_idx], device=dev)
+    return readout(rm, items, out, idx, "right", want_ll, starts=[-m] * b)

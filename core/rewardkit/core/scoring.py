@@ -57,6 +57,7 @@ from rewardkit.core.prefix_cache import (
     run_tail,
     run_tail_readout,
     run_tails_packed,
+    run_tails_readout,
 )
 
 Store = dict[int, int]  # id(item) -> leading tokens of it to store in the KV cache after its forward
@@ -210,7 +211,7 @@ class Scorer:
         """The KV-cache path of a read-out model (pooled states, LL term). A chat item whose prompt is stored runs
         only the tokens from ``forward.readout_tail_start`` on; an item that found none stores its prompt. Padding-free,
         items run one after another and each looks up the cache first, so a group's mates in one batch reuse the first
-        one's prompt; batched, hits run alone and the rest in one padded forward. Plain text (no response start) has
+        one's prompt; batched, the hits on one entry run in one forward and the rest in one padded forward. Plain text (no response start) has
         nothing to reuse: it is not looked up."""
         assert self.kv is not None
         rm, kv = self.rm, self.kv
@@ -218,6 +219,7 @@ class Scorer:
         rest: list[int] = []
         store: Store = {}
         pending: set[tuple[int, ...]] = set()
+        hits: dict[tuple[int, int], list[tuple[int, Match, int]]] = {}
         for i, it in enumerate(items):
             r = reward_position(it.input_ids, rm.pad_token_id, rm.meta.reward_token_rule)
             lim = readout_tail_start(rm, it, r, self.want_ll)
@@ -237,6 +239,9 @@ class Scorer:
                     pending.add(prompt)
                 rest.append(i)
                 continue
+            if mt is not None and not keep and not self.padding_free:  # batched: mates of one entry in one forward
+                hits.setdefault((id(mt.entry), mt.length), []).append((i, mt, r))
+                continue
             if mt is None:  # padding-free: the item alone, storing its prompt on the way
                 h, ll = readout_forward(rm, [it], self.padding_side, self.want_ll,
                                         on_cache=self._keeper([it], {id(it): n} if keep else None))
@@ -245,6 +250,11 @@ class Scorer:
                 if keep:
                     kv.put(it.input_ids[:n], kv_of(cache, 0, 0, n))
             out[i] = scores_from_hidden(rm, [it], h, return_hidden, ll=ll)[0]
+        for group in hits.values():
+            mt, part = group[0][1], [items[i] for i, _, _ in group]
+            h, ll = run_tails_readout(rm, mt.entry.kv, mt.length, part, [r for _, _, r in group], self.want_ll)
+            for (i, _, _), s in zip(group, scores_from_hidden(rm, part, h, return_hidden, ll=ll), strict=True):
+                out[i] = s
         if rest:
             part = [items[i] for i in rest]
             if self.padding_free:

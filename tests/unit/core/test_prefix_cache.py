@@ -277,3 +277,19 @@ def test_admission_recovers_when_grpo_groups_follow_k1_traffic(tied_llama_dir: P
     one_per_batch(scorer, [it for g in groups for it in g])
     assert kv._stores_since_reuse < ADMIT_WINDOW  # a reuse happened: every candidate is admitted again
     assert kv.stats.hits - before.hits >= 7 * 6, kv.stats  # and at least half the groups' mates reused their prompt
+
+
+@pytest.mark.parametrize("layout", ["left", "padding_free"])
+def test_a_pooled_gpt2_reuses_the_cache_exactly(layout: str, tmp_path: Path) -> None:
+    """GPT-2 (absolute positions, its own cache layout) on the read-out path: hits alone and batched mates."""
+    from rewardkit.core.testing import make_tiny_reward_model
+
+    rm = _readout_model(make_tiny_reward_model(tmp_path / "g", arch="gpt2", layers=3), tmp_path / "m",
+                        "mean_response", 2, 0.7)
+    items = chat_items(rm)
+    ref = [reference_score(rm, e) for e in items]
+    scorer = Scorer(rm, padding_side="right" if layout == "padding_free" else layout,
+                    padding_free=layout == "padding_free", prefix_cache_bytes=64 << 20)
+    got = [s.reward for b in (items[:1], items[1:5], items[5:6], items[6:]) for s in scorer.score(b)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=ATOL, rtol=RTOL)
+    assert scorer.kv is not None and scorer.kv.stats.stores == 2 and scorer.kv.stats.hits >= 6
