@@ -209,10 +209,10 @@ class Scorer:
     @torch.inference_mode()
     def score_readout_cached(self, items: Sequence[EncodedItem], return_hidden: bool = False) -> list[ItemScore]:
         """The KV-cache path of a read-out model (pooled states, LL term). A chat item whose prompt is stored runs
-        only the tokens from ``forward.readout_tail_start`` on; an item that found none stores its prompt. Padding-free,
-        items run one after another and each looks up the cache first, so a group's mates in one batch reuse the first
-        one's prompt; batched, the hits on one entry run in one forward and the rest in one padded forward. Plain text (no response start) has
-        nothing to reuse: it is not looked up."""
+        only the tokens from ``forward.readout_tail_start`` on; an item that found none stores its prompt.
+        Padding-free, items run one after another and each looks up the cache first, so a group's mates in one batch
+        reuse the first one's prompt; batched, the hits on one entry run in one forward and the rest in one padded
+        forward. Plain text (no response start) has nothing to reuse: it is not looked up."""
         assert self.kv is not None
         rm, kv = self.rm, self.kv
         out: list[ItemScore | None] = [None] * len(items)
