@@ -392,8 +392,14 @@ def faithfulness_task_rm(url: str, n: int, length: int, seed: int) -> dict[str, 
 
 def _rho_summary(rho: list[float], rho_abs: list[float], rho_rand: list[float], n: int,
                  extra: dict[str, Any]) -> dict[str, Any]:
-    return {"spearman": float(np.nanmean(rho)), "spearman_abs": float(np.nanmean(rho_abs)),
-            "random_weights": float(np.nanmean(rho_rand)), "items": n, **extra}
+    def se(x: list[float]) -> float:  # standard error of the mean over sequences
+        v = np.asarray(x, dtype=np.float64)
+        v = v[~np.isnan(v)]
+        return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+    return {"spearman": float(np.nanmean(rho)), "spearman_se": se(rho), "spearman_abs": float(np.nanmean(rho_abs)),
+            "spearman_abs_se": se(rho_abs), "random_weights": float(np.nanmean(rho_rand)),
+            "random_weights_se": se(rho_rand), "items": n, **extra}
 
 
 def faithfulness_default(tmp: Path, n: int, seed: int) -> dict[str, Any]:
