@@ -40,6 +40,18 @@ def one_per_batch(scorer: Scorer, items: list[EncodedItem]) -> list[float]:
     return [scorer.score([it])[0].reward for it in items]
 
 
+def cached_one_per_batch(rm: RewardModel, items: list[EncodedItem], layout: str) -> tuple[Scorer, list[float]]:
+    """Shuffle ``items`` (in place), score them one per batch with a KV-cache scorer in ``layout`` and check every
+    reward against the plain single forward. Returns the scorer and the references, in the shuffled order."""
+    random.Random(3).shuffle(items)
+    ref = [reference_score(rm, e) for e in items]
+    scorer = Scorer(rm, padding_side="right" if layout == "padding_free" else layout,
+                    padding_free=layout == "padding_free", prefix_cache_bytes=64 << 20)
+    got = one_per_batch(scorer, items)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=ATOL, rtol=RTOL)
+    return scorer, ref
+
+
 @pytest.mark.parametrize("kind", ["chat", "text"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("layout", ["left", "right", "padding_free"])
@@ -47,13 +59,8 @@ def test_cached_rewards_equal_full_forwards(kind: str, arch: str, layout: str, t
                                             tiny_gpt2_dir: Path) -> None:
     rm = load_reward_model(tiny_llama_dir if arch == "llama" else tiny_gpt2_dir)
     items = chat_items(rm) if kind == "chat" else text_items(rm)
-    random.Random(3).shuffle(items)
-    ref = [reference_score(rm, e) for e in items]
-    scorer = Scorer(rm, padding_side="right" if layout == "padding_free" else layout,
-                    padding_free=layout == "padding_free", prefix_cache_bytes=64 << 20)
+    scorer, ref = cached_one_per_batch(rm, items, layout)
     assert scorer.kv is not None
-    got = one_per_batch(scorer, items)
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=ATOL, rtol=RTOL)
     st = scorer.kv.stats
     # two prompts: the first item of each stores it; its mates (other batches) reuse it
     assert st.hits >= len(items) - 2 - (2 if kind == "text" else 0), st
@@ -194,13 +201,8 @@ def test_readout_models_reuse_the_cache_exactly(readout: tuple[str, int, float],
     rm = _readout_model(tied_llama_dir, tmp_path / "m", *readout)
     assert not rm.meta.plain_readout
     items = chat_items(rm)
-    random.Random(3).shuffle(items)
-    ref = [reference_score(rm, e) for e in items]
-    scorer = Scorer(rm, padding_side="right" if layout == "padding_free" else layout,
-                    padding_free=layout == "padding_free", prefix_cache_bytes=64 << 20)
+    scorer, ref = cached_one_per_batch(rm, items, layout)
     assert scorer.kv is not None
-    got = one_per_batch(scorer, items)
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=ATOL, rtol=RTOL)
     st = scorer.kv.stats
     empty = sum(not e.response_token_indices() for e in items)  # "" has no response token: read at its last token
     assert empty == 2
