@@ -32,7 +32,8 @@ def output_cache(out: Any) -> Any:
     return out.cache if CACHE_KW == "cache" else out.past_key_values
 
 __all__ = ["CACHE_KW", "ItemScore", "normalise", "output_cache", "pad_batch", "plain_forward", "raw_reward",
-           "readout", "readout_forward", "readout_tail_start", "reward_index", "reward_indices", "reward_position", "scores_from_hidden"]
+           "readout", "readout_forward", "readout_tail_start", "reward_index", "reward_indices", "reward_position",
+           "scores_from_hidden"]
 
 
 @dataclasses.dataclass
