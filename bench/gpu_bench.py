@@ -5,7 +5,8 @@ rewardkit and by the naive serve_rm-like server on one NVIDIA GPU, same load, on
     python3 bench/gpu_bench.py --smoke              # tiny shape on whatever device there is (CI runs this on CPU)
 
 Per shape: the bf16 matmul peak of this device (8192^3, mean of 10 after 3 warm-ups), a parity check in bf16
-(rewardkit's batched and prefix-shared paths against single-item forwards of the HF model), then GRPO-shaped
+(rewardkit's batched and prefix-shared paths against single-item forwards of the HF model; the same body with a
+pooled read-out through the KV cache), then GRPO-shaped
 single-item requests (K = 8, prompts ~4x completions, ``--concurrency`` in flight, Python client on the host's
 cores) against both servers. Prints and writes (bench/results/gpu.json) tokens/s, MFU = 2 x non-embedding params x
 tokens/s / peak, p50/p99 and the ratio to the naive server.
@@ -102,7 +103,34 @@ def parity(model_dir: Path, device: str, dtype: str) -> dict[str, float]:
         got = [s.reward for s in scorer.score(encs)]
         out[name] = max(abs(a - b) for a, b in zip(got, ref, strict=True))
     out["reward_scale"] = statistics.pstdev(ref) or 1.0
+    out.update(parity_pooled(model_dir, device, dtype, encs))
     return out
+
+
+def parity_pooled(model_dir: Path, device: str, dtype: str, encs: list[Any]) -> dict[str, float]:
+    """The default model's kind of read-out (the mean of a middle layer over the response; no LL term, the random
+    model's LM head is not tied) over the same body: the KV-cache path, items one per batch and all in one batch,
+    against single unpadded forwards."""
+    from rewardkit.core import checkpoint as ckpt
+    from rewardkit.core.loading import load_reward_model
+    from rewardkit.core.scoring import Scorer, reference_score
+
+    base = load_reward_model(model_dir, device=device, dtype=dtype)
+    pooled = model_dir.parent / f"{model_dir.name}-pooled"
+    ckpt.save_checkpoint(pooled, {"weight": base.head.weight.detach().float().cpu()},
+                         ckpt.CheckpointMeta(backbone=str(model_dir), model_id="pooled", readout="mean_response",
+                                             readout_layer=base.model.config.num_hidden_layers // 2))
+    del base
+    rm = load_reward_model(pooled, device=device, dtype=dtype)
+    ref = [reference_score(rm, e) for e in encs]
+    one, batch = Scorer(rm, prefix_cache_bytes=1 << 30), Scorer(rm, prefix_cache_bytes=1 << 30)
+    got_one = [one.score([e])[0].reward for e in encs]
+    got_batch = [s.reward for b in (encs[:1], encs[1:]) for s in batch.score(b)]  # the second batch: hits, batched
+    assert one.kv is not None and batch.kv is not None
+    return {"pooled_kv_one_per_batch": max(abs(a - b) for a, b in zip(got_one, ref, strict=True)),
+            "pooled_kv_batched": max(abs(a - b) for a, b in zip(got_batch, ref, strict=True)),
+            "pooled_kv_hits": float(one.kv.stats.hits + batch.kv.stats.hits),
+            "pooled_reward_scale": statistics.pstdev(ref) or 1.0}
 
 
 def serve_bench(model_dir: Path, params: int, device: str, dtype: str, conc: int, n_items: int, peak: float,
@@ -169,7 +197,8 @@ def main() -> None:
         par = parity(model_dir, device, dtype_name)
         print(f"{shape:>5} | params {params / 1e9:.2f} B | parity max |diff| batched {par['batched']:.2e}, "
               f"prefix {par['prefix_shared']:.2e}, kv cache {par['kv_cache']:.2e} (reward std "
-              f"{par['reward_scale']:.2e})", flush=True)
+              f"{par['reward_scale']:.2e}); pooled read-out kv cache {par['pooled_kv_one_per_batch']:.2e} one per "
+              f"batch, {par['pooled_kv_batched']:.2e} batched, {par['pooled_kv_hits']:.0f} hits", flush=True)
         rows = serve_bench(model_dir, params, device, dtype_name, a.concurrency, a.items, peak, tmp, shape)
         out["shapes"][shape] = {"non_embedding_params": params, "parity": par, "rows": rows, "wall_s": time.time() - ts}
         write_json(Path(a.json), out)  # partial results survive a later shape's failure
