@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from common import (  # noqa: E402
     drive,
     drive_wrk,
     grpo_workload,
+    openrlhf_body,
+    parse_kv_metrics,
     python,
     start_process,
     stop_process,
@@ -63,9 +64,8 @@ def texts_and_tokens(model: str | None, pairs: list[tuple[str, str]]) -> tuple[l
 
 
 def kv_counters(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return {name: float(m.group(1)) if (m := re.search(rf"^rewardkit_prefix_kv_cache_{name}_total (\S+)", text, re.M))
-            else 0.0 for name in ("hits", "misses", "tokens_saved")}
+    got = parse_kv_metrics(httpx.get(url + "/metrics", timeout=10).text)
+    return {name: got.get(f"{name}_total", 0.0) for name in ("hits", "misses", "tokens_saved")}
 
 
 def wait_idle(pid: int, timeout: float = 120.0) -> float:
@@ -126,8 +126,7 @@ def run_cell(servers: dict[str, tuple[str, object]], model: str | None, name: st
         pairs = spread_order(grpo_workload(n_prompts, k, (100, 160), (20, 40), seed=seed + rep), k, spread)
         texts, prompt_parts, tokens = texts_and_tokens(model, pairs)
         sent = prompt_parts if prompts else None
-        bodies = [json.dumps({"query": [t]} if sent is None else {"query": [t], "prompts": [sent[i]]})
-                  for i, t in enumerate(texts)]
+        bodies = [json.dumps(openrlhf_body(t, None if sent is None else sent[i])) for i, t in enumerate(texts)]
         for label, _ in CONFIGS:
             url = servers[label][0]
             before = kv_counters(url) if label != "naive" else None

@@ -35,7 +35,15 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, WORDS, python, start_process, stop_process, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT,
+    WORDS,
+    parse_kv_metrics,
+    python,
+    start_process,
+    stop_process,
+    write_json,
+)
 
 
 def rss_bytes(pid: int) -> int:
@@ -119,15 +127,6 @@ async def sample_rss(pid: int, stop_at: float, out: list[tuple[float, int]], t_s
     out.append((time.monotonic() - t_start, rss_bytes(pid)))
 
 
-KV = "rewardkit_prefix_kv_cache"
-
-
-def parse_kv_metrics(text: str) -> dict[str, float]:
-    """The prompt KV cache's gauge and counters from a Prometheus text exposition (``{}`` where it has none)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {smp.name[len(KV) + 1:]: smp.value for fam in text_string_to_metric_families(text)
-            if fam.name.startswith(KV + "_") for smp in fam.samples if not smp.labels}
 
 
 async def sample_kv(url: str, headers: dict[str, str], stop_at: float, out: list[dict[str, float]],

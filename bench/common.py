@@ -85,7 +85,7 @@ async def drive(url: str, texts: list[str], concurrency: int, path: str = "/get_
     query's prompt part, sent as OpenRLHF's ``prompts`` field."""
     queue: asyncio.Queue[dict[str, list[str]]] = asyncio.Queue()
     for i, t in enumerate(texts):
-        queue.put_nowait({"query": [t]} if prompts is None else {"query": [t], "prompts": [prompts[i]]})
+        queue.put_nowait(openrlhf_body(t, None if prompts is None else prompts[i]))
     lat: list[float] = []
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -107,6 +107,23 @@ async def drive(url: str, texts: list[str], concurrency: int, path: str = "/get_
     lat.sort()
     return {"wall_s": wall, "requests": len(lat), "p50_s": statistics.median(lat),
             "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
+
+
+KV_METRICS = "rewardkit_prefix_kv_cache"
+
+
+def parse_kv_metrics(text: str) -> dict[str, float]:
+    """The prompt KV cache's gauge and counters from a Prometheus text exposition, keyed by the name after
+    ``rewardkit_prefix_kv_cache_`` (``bytes``, ``hits_total``, ...; ``{}`` where it has none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {smp.name[len(KV_METRICS) + 1:]: smp.value for fam in text_string_to_metric_families(text)
+            if fam.name.startswith(KV_METRICS + "_") for smp in fam.samples if not smp.labels}
+
+
+def openrlhf_body(query: str, prompt: str | None = None) -> dict[str, list[str]]:
+    """One single-item ``/get_reward`` body as OpenRLHF sends it: ``query`` (prompt and response), ``prompts``."""
+    return {"query": [query]} if prompt is None else {"query": [query], "prompts": [prompt]}
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -111,15 +111,14 @@ def parity_pooled(model_dir: Path, device: str, dtype: str, encs: list[Any]) -> 
     """The default model's kind of read-out (the mean of a middle layer over the response; no LL term, the random
     model's LM head is not tied) over the same body: the KV-cache path, items one per batch and all in one batch,
     against single unpadded forwards."""
-    from rewardkit.core import checkpoint as ckpt
     from rewardkit.core.loading import load_reward_model
     from rewardkit.core.scoring import Scorer, reference_score
+    from rewardkit.core.testing import make_readout_checkpoint
 
     base = load_reward_model(model_dir, device=device, dtype=dtype)
-    pooled = model_dir.parent / f"{model_dir.name}-pooled"
-    ckpt.save_checkpoint(pooled, {"weight": base.head.weight.detach().float().cpu()},
-                         ckpt.CheckpointMeta(backbone=str(model_dir), model_id="pooled", readout="mean_response",
-                                             readout_layer=base.model.config.num_hidden_layers // 2))
+    pooled = make_readout_checkpoint(model_dir, model_dir.parent / f"{model_dir.name}-pooled",
+                                     layer=base.model.config.num_hidden_layers // 2, ll_weight=0.0,
+                                     head_weight=base.head.weight)
     del base
     rm = load_reward_model(pooled, device=device, dtype=dtype)
     ref = [reference_score(rm, e) for e in encs]

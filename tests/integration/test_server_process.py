@@ -116,14 +116,10 @@ def test_a_pooled_readout_model_reuses_the_prompt_kv_over_http(tmp_path: Path) -
     """The default model's kind of read-out (mean of a middle layer over the response + the LM's log-likelihood)
     takes the KV cache too, once the response start is known: OpenRLHF's ``prompts`` gives it. Without ``prompts``
     the query is plain text, the pooled states cover every token, and nothing is looked up."""
-    from rewardkit.core import checkpoint as ckpt
-    from rewardkit.core.testing import make_tiny_reward_model
+    from rewardkit.core.testing import make_readout_checkpoint, make_tiny_reward_model
 
     base = make_tiny_reward_model(tmp_path / "tied", arch="llama", layers=3, tie_embeddings=True)
-    model = tmp_path / "pooled"
-    ckpt.save_checkpoint(model, {"weight": load_reward_model(base).head.weight.detach().float()},
-                         ckpt.CheckpointMeta(backbone=str(base), model_id="pooled", readout="mean_response",
-                                             readout_layer=2, ll_weight=0.7))
+    model = make_readout_checkpoint(base, tmp_path / "pooled", layer=2, ll_weight=0.7)
     rm = load_reward_model(model)
     fmt = Formatter(rm.tokenizer, max_length=512)
     groups = [f"Group {g}: please explain, step by step, how a careful reviewer weighs evidence. " * 3

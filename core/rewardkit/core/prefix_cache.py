@@ -241,23 +241,29 @@ def kv_of(cache: Any, row: int, start: int, length: int) -> KV:
              layer.values[row:row + 1, :, start:start + length].clone()) for layer in cache.layers]
 
 
-def dynamic_cache(kv: KV, length: int) -> Any:
-    """A fresh ``DynamicCache`` over the first ``length`` tokens of stored KV (the stored tensors are not changed:
-    the forward concatenates into new ones)."""
+def dynamic_cache(kv: KV, length: int, rows: int = 1) -> Any:
+    """A fresh ``DynamicCache`` over the first ``length`` tokens of stored KV, shared by ``rows`` batch rows (the
+    stored tensors are not changed: the forward concatenates into new ones)."""
     from transformers.cache_utils import DynamicCache
 
-    return DynamicCache(ddp_cache_data=[(k[:, :, :length], v[:, :, :length]) for k, v in kv])
+    return DynamicCache(ddp_cache_data=[(k[:, :, :length].expand(rows, -1, -1, -1),
+                                         v[:, :, :length].expand(rows, -1, -1, -1)) for k, v in kv])
+
+
+def _tail_forward(rm: RewardModel, kv: KV, m: int, tail: Sequence[int], all_layers: bool = False) -> Any:
+    """One item's tokens after a stored prefix of ``m`` tokens: the model output (its cache covers m + len(tail))."""
+    dev = rm.device
+    ids = torch.tensor([list(tail)], dtype=torch.long, device=dev)
+    pos = torch.arange(m, m + len(tail), device=dev)[None]
+    mask = torch.ones((1, m + len(tail)), dtype=torch.long, device=dev)
+    return rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, **{CACHE_KW: dynamic_cache(kv, m)},
+                   use_cache=True, output_hidden_states=all_layers)
 
 
 def run_tail(rm: RewardModel, kv: KV, m: int, tail: Sequence[int]) -> tuple[torch.Tensor, Any]:
     """One item's tokens after a stored prefix of ``m`` tokens. Returns (hidden state of its last token (H,), the
     cache after the forward, covering m + len(tail) tokens)."""
-    dev = rm.device
-    cache = dynamic_cache(kv, m)
-    ids = torch.tensor([list(tail)], dtype=torch.long, device=dev)
-    pos = torch.arange(m, m + len(tail), device=dev)[None]
-    mask = torch.ones((1, m + len(tail)), dtype=torch.long, device=dev)
-    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, **{CACHE_KW: cache}, use_cache=True)
+    out = _tail_forward(rm, kv, m, tail)
     return out.last_hidden_state[0, -1], output_cache(out)
 
 
@@ -272,14 +278,9 @@ def run_tail_readout(rm: RewardModel, kv: KV, m: int, item: EncodedItem, reward_
     """A read-out model's item after a stored prefix of ``m`` tokens (at most ``forward.readout_tail_start``): its
     other tokens run against the prefix, with every layer's states when the read-out needs them. Returns (what the
     head reads (1, H), the LL term (1,) or None, the cache after the forward, covering the whole item)."""
-    dev = rm.device
-    n = len(item.input_ids)
-    ids = torch.tensor([list(item.input_ids[m:])], dtype=torch.long, device=dev)
-    pos = torch.arange(m, n, device=dev)[None]
-    mask = torch.ones((1, n), dtype=torch.long, device=dev)
-    out = rm.body(input_ids=ids, attention_mask=mask, position_ids=pos, **{CACHE_KW: dynamic_cache(kv, m)},
-                  use_cache=True, output_hidden_states=needs_all_layers(rm))
-    h, ll = readout(rm, [item], out, torch.tensor([reward_idx - m], device=dev), "right", want_ll, starts=[-m])
+    out = _tail_forward(rm, kv, m, item.input_ids[m:], needs_all_layers(rm))
+    idx = torch.tensor([reward_idx - m], device=rm.device)
+    h, ll = readout(rm, [item], out, idx, "right", want_ll, starts=[-m])
     return h, ll, output_cache(out)
 
 
@@ -288,8 +289,6 @@ def run_tails_readout(rm: RewardModel, kv: KV, m: int, items: Sequence[EncodedIt
     """Several read-out items after one stored prefix of ``m`` tokens, in one right-padded forward whose rows all
     attend to the prefix's KV (the batched, GPU path; padding-free runs :func:`run_tail_readout` per item).
     Returns (what the head reads (B, H), the LL term (B,) or None)."""
-    from transformers.cache_utils import DynamicCache
-
     dev, b = rm.device, len(items)
     tails = [it.input_ids[m:] for it in items]
     width = max(len(t) for t in tails)
@@ -300,9 +299,7 @@ def run_tails_readout(rm: RewardModel, kv: KV, m: int, items: Sequence[EncodedIt
         ids[r, :len(t)] = torch.tensor(t, dtype=torch.long)
         mask[r, m:m + len(t)] = 1
     pos = torch.arange(m, m + width)[None].expand(b, width)
-    cache = DynamicCache(ddp_cache_data=[(k[:, :, :m].expand(b, -1, -1, -1), v[:, :, :m].expand(b, -1, -1, -1))
-                                         for k, v in kv])
-    out = rm.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), **{CACHE_KW: cache},
-                  use_cache=True, output_hidden_states=needs_all_layers(rm))
+    out = rm.body(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                  **{CACHE_KW: dynamic_cache(kv, m, rows=b)}, use_cache=True, output_hidden_states=needs_all_layers(rm))
     idx = torch.tensor([r - m for r in reward_idx], device=dev)
     return readout(rm, items, out, idx, "right", want_ll, starts=[-m] * b)

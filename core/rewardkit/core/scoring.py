@@ -126,11 +126,10 @@ class Scorer:
         return [s for s in out if s is not None]
 
     def _score_scalar(self, items: Sequence[EncodedItem], return_hidden: bool) -> list[ItemScore]:
+        cached = self.kv is not None and self.prefix.supported(self.rm)
         if not self.plain:
-            if self.kv is not None and self.prefix.supported(self.rm):
-                return self.score_readout_cached(items, return_hidden)
-            return self.score_readout(items, return_hidden)
-        if self.kv is not None and self.prefix.supported(self.rm):
+            return self.score_readout_cached(items, return_hidden) if cached else self.score_readout(items, return_hidden)
+        if cached:
             return self.score_cached(items, return_hidden)
         return self.score_unpadded(items, return_hidden) if self.padding_free else self.score_batch(items, return_hidden)
 
@@ -219,7 +218,7 @@ class Scorer:
         rest: list[int] = []
         store: Store = {}
         pending: set[tuple[int, ...]] = set()
-        hits: dict[tuple[int, int], list[tuple[int, Match, int]]] = {}
+        hits: dict[tuple[int, int], tuple[Match, list[tuple[int, int]]]] = {}  # (entry, length) -> match, (i, r)
         for i, it in enumerate(items):
             r = reward_position(it.input_ids, rm.pad_token_id, rm.meta.reward_token_rule)
             lim = readout_tail_start(rm, it, r, self.want_ll)
@@ -240,7 +239,7 @@ class Scorer:
                 rest.append(i)
                 continue
             if mt is not None and not keep and not self.padding_free:  # batched: mates of one entry in one forward
-                hits.setdefault((id(mt.entry), mt.length), []).append((i, mt, r))
+                hits.setdefault((id(mt.entry), mt.length), (mt, []))[1].append((i, r))
                 continue
             if mt is None:  # padding-free: the item alone, storing its prompt on the way
                 h, ll = readout_forward(rm, [it], self.padding_side, self.want_ll,
@@ -250,10 +249,10 @@ class Scorer:
                 if keep:
                     kv.put(it.input_ids[:n], kv_of(cache, 0, 0, n))
             out[i] = scores_from_hidden(rm, [it], h, return_hidden, ll=ll)[0]
-        for group in hits.values():
-            mt, part = group[0][1], [items[i] for i, _, _ in group]
-            h, ll = run_tails_readout(rm, mt.entry.kv, mt.length, part, [r for _, _, r in group], self.want_ll)
-            for (i, _, _), s in zip(group, scores_from_hidden(rm, part, h, return_hidden, ll=ll), strict=True):
+        for mt, group in hits.values():
+            part = [items[i] for i, _ in group]
+            h, ll = run_tails_readout(rm, mt.entry.kv, mt.length, part, [r for _, r in group], self.want_ll)
+            for (i, _), s in zip(group, scores_from_hidden(rm, part, h, return_hidden, ll=ll), strict=True):
                 out[i] = s
         if rest:
             part = [items[i] for i in rest]

@@ -90,3 +90,21 @@ def make_tiny_reward_model(out_dir: str | Path, arch: str = "llama", hidden: int
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def make_readout_checkpoint(base: str | Path, out_dir: str | Path, readout: str = "mean_response", layer: int = 2,
+                            ll_weight: float = 0.7, head_weight: Any = None) -> Path:
+    """Write a rewardkit checkpoint over the model at ``base`` whose head reads ``readout`` (``"mean_response"``:
+    the mean of ``hidden_states[layer]`` over the response) and adds ``ll_weight`` x the LM's log-likelihood
+    (norm 0.1 / 2.0), the default model's kind of read-out. ``head_weight``: the head's (1, H) weights (default:
+    the base's own score head, loaded on CPU)."""
+    from rewardkit.core import checkpoint as ckpt
+
+    if head_weight is None:
+        from rewardkit.core.loading import load_reward_model
+
+        head_weight = load_reward_model(base).head.weight
+    meta = ckpt.CheckpointMeta(backbone=str(base), model_id="readout", norm_mean=0.1, norm_std=2.0, readout=readout,
+                               readout_layer=layer, ll_weight=ll_weight)
+    ckpt.save_checkpoint(Path(out_dir), {"weight": head_weight.detach().float().cpu()}, meta)
+    return Path(out_dir)

@@ -182,13 +182,9 @@ def tied_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _readout_model(base: Path, out: Path, readout: str, layer: int, ll_weight: float) -> RewardModel:
-    from rewardkit.core import checkpoint as ckpt
+    from rewardkit.core.testing import make_readout_checkpoint
 
-    head = load_reward_model(base).head.weight.detach().float()
-    meta = ckpt.CheckpointMeta(backbone=str(base), model_id="readout", norm_mean=0.1, norm_std=2.0, readout=readout,
-                               readout_layer=layer, ll_weight=ll_weight)
-    ckpt.save_checkpoint(out, {"weight": head}, meta)
-    return load_reward_model(out)
+    return load_reward_model(make_readout_checkpoint(base, out, readout, layer, ll_weight))
 
 
 @pytest.mark.parametrize("readout", [("mean_response", 2, 0.7), ("mean_response", -1, 0.0), ("token", -1, 0.5)],

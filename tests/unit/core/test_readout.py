@@ -33,11 +33,9 @@ def tied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _pooled(base: Path, out: Path, layer: int = 2, ll_weight: float = 0.7) -> Path:
     """A checkpoint over ``base`` whose head reads the mean of hidden_states[layer] and adds ll_weight * LL."""
-    rm = load_reward_model(base)
-    meta = ckpt.CheckpointMeta(backbone=str(base), model_id="pooled", norm_mean=0.1, norm_std=2.0,
-                               readout="mean_response", readout_layer=layer, ll_weight=ll_weight)
-    ckpt.save_checkpoint(out, {"weight": rm.head.weight.detach().float()}, meta)
-    return out
+    from rewardkit.core.testing import make_readout_checkpoint
+
+    return make_readout_checkpoint(base, out, layer=layer, ll_weight=ll_weight)
 
 
 def _by_hand(rm: RewardModel, item: ScoreItem) -> float:
