@@ -6,6 +6,9 @@
 ``bt`` and ``rrm`` train frozen-backbone heads (``rewardkit train bt`` / ``rewardkit train rrm`` with the flags printed
 in the JSON); ``bt_lora`` and ``idrm`` fine-tune LoRA adapters on the last K layers' attention starting from the seed's
 frozen BT checkpoint (``idrm`` with ``eta=0`` is exactly ``bt_lora``: the only difference is the KL term).
+``rrm_lora`` (BT-filtered, tau) and ``rrm_lora_u1`` (unfiltered) train RRM's augmented comparisons, subsampled to one
+per pair (1:1), on the same LoRA placement, start, learning rate and number of optimiser steps as ``bt_lora``; the
+seed's frozen BT checkpoint is also the filter's baseline.
 
 Evaluation reads the reward-token hidden states through the BT trainer's feature extractor with a cache keyed by the
 backbone weights and token ids, so every frozen head shares one backbone pass per split; a LoRA model's merged
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import statistics
 import sys
@@ -43,6 +47,12 @@ def _flags(cfg: dict[str, Any]) -> str:
                     else "") for k, v in cfg.items()).strip()
 
 
+def lora_steps(args: argparse.Namespace) -> int:
+    """The optimiser steps of ``bt_lora`` (batch 8 over ``--lora-pairs`` for ``--lora-epochs``): RRM's LoRA arms
+    train exactly as many, so their 1:1 set (two comparisons per pair) is seen for half the epochs."""
+    return max(1, math.ceil(math.ceil(args.lora_pairs / 8) * args.lora_epochs))
+
+
 def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[str, Any], str]:
     out = Path(args.out) / f"{method}-s{seed}"
     base = _recipe(args, seed, out)
@@ -57,6 +67,20 @@ def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[
         from rewardkit.training.rrm import RRMConfig, train_rrm
 
         cfg = {**base, "tau": args.tau}
+        cmd = "rewardkit train rrm " + _flags(cfg)
+        metrics = train_rrm(RRMConfig(**cfg), command=cmd).metrics
+    elif method in ("rrm_lora", "rrm_lora_u1"):  # RRM at 1:1 on the same LoRA placement and steps as bt_lora
+        from rewardkit.training.rrm import RRMConfig, train_rrm
+
+        start = Path(args.out) / f"bt-s{seed}"
+        if not (start / "rewardkit.json").is_file():
+            train("bt", args, seed)
+        cfg = {**base, "model": str(start), "mode": "lora", "max_train_pairs": args.lora_pairs,
+               "num_epochs": args.lora_epochs, "learning_rate": args.lora_lr, "batch_size": 8, "feature_cache_dir": "",
+               "max_steps": lora_steps(args), "logging_steps": 5, "baseline_model": str(start),
+               "tau": 0.0 if method == "rrm_lora_u1" else args.tau, "augment_ratio": 1.0,
+               **({"lora_layers": args.lora_layers} if args.lora_layers else {}),
+               **({"lora_target_modules": args.lora_targets} if args.lora_targets else {})}
         cmd = "rewardkit train rrm " + _flags(cfg)
         metrics = train_rrm(RRMConfig(**cfg), command=cmd).metrics
     elif method in ("bt_lora", "idrm", "idrm_shuffled", "idrm_uniform"):

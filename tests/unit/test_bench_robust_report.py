@@ -61,3 +61,33 @@ def test_teacher_mass_span_share_against_uniform() -> None:
     assert tm.span_share(peaked, (2, 4)) == pytest.approx((1.0, 5.0))  # all mass on 2 of 10 chars: 5x uniform
     with pytest.raises(ValueError, match="outside"):
         tm.span_share(uniform, (8, 12))
+
+
+@pytest.mark.parametrize(("method", "tau"), [("rrm_lora", 0.2), ("rrm_lora_u1", 0.0)])
+def test_rrm_lora_arms_take_bt_loras_steps_start_and_placement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               method: str, tau: float) -> None:
+    import rewardkit.training.rrm as rrm
+    from rewardkit.training.config import IdRMConfig
+    from rewardkit.training.loop import total_steps
+
+    seen = []
+
+    class _Result:
+        metrics: dict = {}
+
+    monkeypatch.setattr(rrm, "train_rrm", lambda cfg, command=None: seen.append((cfg, command)) or _Result())
+    start = tmp_path / "bt-s3"
+    start.mkdir()
+    (start / "rewardkit.json").write_text("{}")  # the seed's frozen BT start exists: no BT training here
+    args = type("A", (), {"out": str(tmp_path), "testbed": "data/testbed", "train_pairs": 300, "epochs": 30.0,
+                          "cache": "", "tau": 0.2, "lora_pairs": 150, "lora_epochs": 2.0, "lora_lr": 5e-4,
+                          "lora_layers": "all", "lora_targets": ""})()
+    br.train(method, args, 3)
+    cfg, cmd = seen[0]
+    # the same optimiser steps as bt_lora's loop takes over its pairs (batch 8): ceil(150 / 8) * 2 = 38
+    bt_lora = IdRMConfig(model=str(start), train_file="data/testbed", output_dir=str(tmp_path / "x"), batch_size=8,
+                         num_epochs=2.0)
+    assert cfg.max_steps == total_steps(bt_lora, 150) == 38
+    assert (cfg.mode, cfg.model, cfg.baseline_model) == ("lora", str(start), str(start))
+    assert (cfg.tau, cfg.augment_ratio, cfg.lora_layers, cfg.learning_rate) == (tau, 1.0, "all", 5e-4)
+    assert cmd.startswith("rewardkit train rrm ") and "--max-steps 38" in cmd
