@@ -250,7 +250,8 @@ def test_config_validation_names_the_field() -> None:
         IdRMConfig(train_file="x", output_dir="y", align_layers=0).validate()
 
 
-def test_teacher_difference_head_learns_which_response_wins_in_both_orders(tiny_teacher_dir: Path) -> None:
+def test_teacher_difference_head_learns_which_response_wins_in_both_orders(tiny_teacher_dir: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """The teacher's pairwise head reads mean(A) - mean(B): a toy preference (the response with "correct" wins)
     is learned in a few steps, in both orders, and swapping A and B flips the logit's sign."""
     from rewardkit.training.idrm import finetune_teacher
@@ -263,9 +264,13 @@ def test_teacher_difference_head_learns_which_response_wins_in_both_orders(tiny_
         p = f"question {i}"
         ex.append((teacher.build(p, good, bad), 1.0, i, 0))
         ex.append((teacher.build(p, bad, good), 0.0, i, 1))
-    cfg = IdRMConfig(train_file="x", output_dir="y", teacher_epochs=8, teacher_batch_size=8, teacher_lr=1e-3)
+    cfg = IdRMConfig(train_file="x", output_dir="y", teacher_epochs=8, teacher_batch_size=8, teacher_lr=1e-3,
+                     disable_tqdm=True)
     stats = finetune_teacher(teacher, ex, cfg)
     assert stats["teacher_accuracy"] == 1.0 and stats["teacher_loss"] < 0.5
+    # without a bar (nohup runs, benches) the fine-tune still says how far it is: a line per tenth of its 32 steps
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("teacher fine-tune step")]
+    assert len(lines) == 11 and lines[-1].startswith("teacher fine-tune step 32/32: loss ")
     with torch.no_grad():
         logits, _ = teacher([e[0] for e in ex])
     assert (logits[0::2] > 0).all() and (logits[1::2] < 0).all()

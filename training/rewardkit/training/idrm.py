@@ -223,7 +223,12 @@ def finetune_teacher(teacher: Teacher, examples: Sequence[tuple[Any, ...]], cfg:
     batches = batches_forever(n, cfg.teacher_batch_size, cfg.seed)
     teacher.train()
     hist: list[tuple[float, float]] = []
-    for _ in range(steps):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="teacher fine-tune", unit="step", disable=cfg.disable_tqdm)
+    every = max(1, steps // 10)  # a log line per tenth, for runs without the bar (nohup, benches)
+    t0 = time.time()
+    for step in range(steps):
         b = [examples[i] for i in next(batches)]
         logits, _ = teacher([e[0] for e in b])
         y = torch.tensor([e[1] for e in b], device=logits.device)
@@ -234,6 +239,16 @@ def finetune_teacher(teacher: Teacher, examples: Sequence[tuple[Any, ...]], cfg:
         sched.step()
         opt.zero_grad()
         hist.append((float(loss.detach()), float(((logits.detach() > 0).float() == y).float().mean())))
+        bar.update(1)
+        bar.set_postfix(loss=f"{hist[-1][0]:.3f}")
+        if (step + 1) % every == 0 or step + 1 == steps:
+            recent = hist[-every:]
+            msg = (f"teacher fine-tune step {step + 1}/{steps}: loss {sum(h[0] for h in recent) / len(recent):.3f}, "
+                   f"accuracy {sum(h[1] for h in recent) / len(recent):.3f}, {time.time() - t0:.0f} s")
+            log.info(msg)
+            if cfg.disable_tqdm:
+                print(msg, flush=True)
+    bar.close()
     teacher.eval()
     tail = hist[-max(1, math.ceil(n / cfg.teacher_batch_size)):] or [(float("nan"), float("nan"))]
     return {"teacher_loss": sum(h[0] for h in tail) / len(tail), "teacher_accuracy": sum(h[1] for h in tail) / len(tail),
