@@ -108,6 +108,17 @@ def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[
     return out, metrics, cmd
 
 
+def relevance_pairs(pairs: list[Any]) -> list[Any]:
+    """Relevance pairs from preference pairs: prompt i's chosen response is "chosen", the chosen response of a seeded
+    partner prompt (never i) is "rejected" (``rewardkit eval --relevance`` and bench/rrm_arms.py draw them alike)."""
+    from rewardkit.training.data import PreferencePair
+    from rewardkit.training.partners import draw_partners
+
+    partner, _ = draw_partners(len(pairs), seed=0)
+    return [PreferencePair(prompt=p.prompt, chosen=p.chosen, rejected=pairs[partner[i]].chosen)
+            for i, p in enumerate(pairs)]
+
+
 def evaluate_ckpt(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from rewardkit.core.formatting import Formatter
     from rewardkit.core.loading import load_reward_model
@@ -120,12 +131,17 @@ def evaluate_ckpt(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     fmt = Formatter(rm.tokenizer, max_length=2048)
     res: dict[str, Any] = {}
     files = [(split, Path(args.testbed) / f"{split}.jsonl", args.eval_pairs) for split in args.splits.split(",")]
+    if args.relevance:  # RRM's goal (issue 20): on the test_clean sample, as bench/rrm_arms.py measures it
+        files.append(("relevance", Path(args.testbed) / "test_clean.jsonl", args.eval_pairs))
     if args.outside:  # the outside pairs and the unseen styles (bench/outside_pairs.py)
         files += [(f"outside_{f.stem}", f, args.outside_pairs) for f in sorted(Path(args.outside).glob("*.jsonl"))]
     for split, file, n_eval in files:
         pairs, _ = load_preferences(file)
         if n_eval and n_eval < len(pairs):
-            pairs = random.Random(f"rewardkit-eval:{split}").sample(pairs, n_eval)  # eval.py's sample rule
+            key = "test_clean" if split == "relevance" else split  # relevance: the test_clean sample's prompts
+            pairs = random.Random(f"rewardkit-eval:{key}").sample(pairs, n_eval)  # eval.py's sample rule
+        if split == "relevance":  # each prompt's own chosen response against one borrowed from another prompt
+            pairs = relevance_pairs(pairs)
         enc, _ = encode_pairs(pairs, fmt)
         h_c, h_r = extract_features(rm, enc, cache_dir=args.cache, progress=False)
         d = h_c @ w - h_r @ w  # (N,)
@@ -178,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(bench/data/outside): outside_clean and outside_<style>_on_<side>")
     p.add_argument("--outside-pairs", type=int, default=0, help="seeded sample per outside file (0 = all)")
     p.add_argument("--splits", default=",".join(SPLITS), help="testbed splits to evaluate")
+    p.add_argument("--relevance", action="store_true", help="also evaluate relevance: on the test_clean sample, "
+                   "each prompt's own chosen response against a borrowed one (RRM's goal: >= 0.90)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default="", help="append results to this JSON file (default OUT/results.json)")
     p.add_argument("--eval-only", action="store_true",

@@ -91,3 +91,16 @@ def test_rrm_lora_arms_take_bt_loras_steps_start_and_placement(tmp_path: Path, m
     assert (cfg.mode, cfg.model, cfg.baseline_model) == ("lora", str(start), str(start))
     assert (cfg.tau, cfg.augment_ratio, cfg.lora_layers, cfg.learning_rate) == (tau, 1.0, "all", 5e-4)
     assert cmd.startswith("rewardkit train rrm ") and "--max-steps 38" in cmd
+
+
+def test_relevance_pairs_borrow_another_prompts_chosen_response() -> None:
+    from rewardkit.training.data import PreferencePair
+
+    pairs = [PreferencePair(prompt=f"q{i}", chosen=f"own {i}", rejected=f"bad {i}") for i in range(7)]
+    rel = br.relevance_pairs(pairs)
+    assert [r.prompt for r in rel] == [p.prompt for p in pairs]
+    assert [r.chosen for r in rel] == [p.chosen for p in pairs]
+    borrowed = [int(r.rejected.split()[1]) for r in rel]
+    assert all(r.rejected.startswith("own ") for r in rel)  # a good answer, to another question
+    assert all(j != i for i, j in enumerate(borrowed)) and len(set(borrowed)) > 1
+    assert [r.rejected for r in br.relevance_pairs(pairs)] == [r.rejected for r in rel]  # seeded
