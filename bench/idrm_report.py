@@ -1,6 +1,7 @@
 """Issue 20, part 2-3: merge the Id-RM arm runs of ``bench/bench_robust.py`` and print what the goals ask.
 
     python bench/idrm_report.py runs/idrm2/results-*.json --out bench/results/robust/idrm_v2.json
+    python bench/idrm_report.py runs/rrm_lora/results-*.json --arm rrm_lora --controls bt_lora,rrm_lora_u1,bt
 
 Prints: the teacher's held-out check per seed (the gate), mean ± sd over seeds of every evaluated set per arm, the
 paired tests (McNemar's discordant pairs pooled over seeds, exact two-sided sign test) of Id-RM against each
@@ -68,6 +69,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--out", default="")
+    ap.add_argument("--arm", default="idrm", help="the arm the paired tests compare (e.g. rrm_lora)")
+    ap.add_argument("--controls", default="bt_lora,idrm_shuffled,idrm_uniform,bt",
+                    help="comma-separated arms it is compared against (missing ones are skipped)")
     a = ap.parse_args()
     runs = merge([Path(f) for f in a.files])
     if a.out:
@@ -75,8 +79,10 @@ def main() -> None:
     print("\n".join(gate(runs)))
     print(table(runs))
     trained = [r for r in runs if not r.get("refused")]
-    for b in ("bt_lora", "idrm_shuffled", "idrm_uniform", "bt"):
-        print(paired(trained, "idrm", b))
+    have = {r["method"] for r in trained}
+    for b in a.controls.split(","):
+        if a.arm in have and b in have:
+            print(paired(trained, a.arm, b))
     print("\n".join(styles(runs)))
 
 
