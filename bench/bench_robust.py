@@ -53,6 +53,17 @@ def lora_steps(args: argparse.Namespace) -> int:
     return max(1, math.ceil(math.ceil(args.lora_pairs / 8) * args.lora_epochs))
 
 
+def _lora_start(args: argparse.Namespace, seed: int, base: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The seed's frozen BT checkpoint (trained if missing) and the LoRA settings every LoRA arm shares."""
+    start = Path(args.out) / f"bt-s{seed}"
+    if not (start / "rewardkit.json").is_file():
+        train("bt", args, seed)
+    return start, {**base, "model": str(start), "mode": "lora", "max_train_pairs": args.lora_pairs,
+                   "num_epochs": args.lora_epochs, "learning_rate": args.lora_lr, "batch_size": 8,
+                   "feature_cache_dir": "", **({"lora_layers": args.lora_layers} if args.lora_layers else {}),
+                   **({"lora_target_modules": args.lora_targets} if args.lora_targets else {})}
+
+
 def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[str, Any], str]:
     out = Path(args.out) / f"{method}-s{seed}"
     base = _recipe(args, seed, out)
@@ -72,25 +83,18 @@ def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[
     elif method in ("rrm_lora", "rrm_lora_u1"):  # RRM at 1:1 on the same LoRA placement and steps as bt_lora
         from rewardkit.training.rrm import RRMConfig, train_rrm
 
-        start = Path(args.out) / f"bt-s{seed}"
-        if not (start / "rewardkit.json").is_file():
-            train("bt", args, seed)
-        cfg = {**base, "model": str(start), "mode": "lora", "max_train_pairs": args.lora_pairs,
-               "num_epochs": args.lora_epochs, "learning_rate": args.lora_lr, "batch_size": 8, "feature_cache_dir": "",
+        start, lora = _lora_start(args, seed, base)
+        cfg = {**lora,
                "max_steps": lora_steps(args), "logging_steps": 5, "baseline_model": str(start),
                "tau": 0.0 if method == "rrm_lora_u1" else args.tau, "augment_ratio": 1.0,
-               **({"lora_layers": args.lora_layers} if args.lora_layers else {}),
-               **({"lora_target_modules": args.lora_targets} if args.lora_targets else {})}
+               }
         cmd = "rewardkit train rrm " + _flags(cfg)
         metrics = train_rrm(RRMConfig(**cfg), command=cmd).metrics
     elif method in ("bt_lora", "idrm", "idrm_shuffled", "idrm_uniform"):
         from rewardkit.training.idrm import IdRMConfig, train_idrm
 
-        start = Path(args.out) / f"bt-s{seed}"
-        if not (start / "rewardkit.json").is_file():
-            train("bt", args, seed)
-        cfg = {**base, "model": str(start), "mode": "lora", "max_train_pairs": args.lora_pairs,
-               "num_epochs": args.lora_epochs, "learning_rate": args.lora_lr, "batch_size": 8, "feature_cache_dir": "",
+        start, lora = _lora_start(args, seed, base)
+        cfg = {**lora,
                "eta": 0.0 if method == "bt_lora" else args.eta, "align_layers": args.k,
                "teacher_epochs": args.teacher_epochs, "teacher_cache_dir": args.cache, "logging_steps": 5,
                "align_queries": args.align_queries, "mass_weight": args.mass_weight,
@@ -98,8 +102,7 @@ def train(method: str, args: argparse.Namespace, seed: int) -> tuple[Path, dict[
                "teacher_exclude": args.train_pairs if args.teacher_pairs else 0,
                "teacher_min_gain": args.teacher_min_gain,
                "target_control": {"idrm_shuffled": "shuffled", "idrm_uniform": "uniform"}.get(method, "teacher"),
-               **({"lora_layers": args.lora_layers} if args.lora_layers else {}),
-               **({"lora_target_modules": args.lora_targets} if args.lora_targets else {})}
+               }
         cmd = "rewardkit train idrm " + _flags(cfg)
         metrics = train_idrm(IdRMConfig(**cfg), command=cmd).metrics
     else:
